@@ -1,0 +1,162 @@
+"""Typed schemas for the config groups, the run-name resolver, and validation before any work starts.
+
+Each group's YAML is merged onto its dataclass schema at startup, so a misspelt key or a wrong type
+is reported (exit 2) before a model is loaded. Controls are free-form `_target_` configs (their
+constructor arguments are their schema) and are checked by instantiating them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from locality.errors import UserError
+
+
+@dataclass
+class ModelConf:
+    name: str = "hf"
+    name_or_path: str | None = None
+    arch: str | None = None
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+    family: str | None = None
+    block_type: str | None = None
+    blocks_path: str | None = None
+    revision: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ObjectiveConf:
+    name: str = "cls"
+    max_length: int = 128
+    pooling: str = "auto"  # cls: auto | first | last | mean
+    head_dropout: float = 0.1
+    mask_prob: float = 0.15  # mlm
+
+
+@dataclass
+class DataConf:
+    name: str = "stdlib_docs"
+    source: str = "builtin"  # builtin | hub
+    builtin: str | None = None
+    path: str | None = None  # datasets.load_dataset(path, subset, data_files=...)
+    subset: str | None = None
+    data_files: Any = None
+    text_field: str = "text"
+    label_field: str | None = None
+    train_split: str = "train"
+    heldout_split: str = "validation"
+    min_chars: int = 1
+    max_train_examples: int | None = None
+    n_validation: int = 256
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    num_workers: int = 0
+
+
+@dataclass
+class OptimConf:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup: float = 0.1  # fraction of steps if < 1, else a number of steps
+    schedule: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...
+
+
+@dataclass
+class TrainerConf:
+    max_steps: int = 200
+    max_epochs: int = -1
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    gradient_clip_val: float | None = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    val_check_interval: Any = None
+    check_val_every_n_epoch: int | None = 1
+    enable_progress_bar: bool = True
+    deterministic: Any = "warn"
+    ckpt_every_n_steps: int = 100
+
+
+@dataclass
+class MeasureConf:
+    n_probe: int = 512
+    pooling: str = "mean"  # mean | last | first | tokens
+    token_positions: int = 8  # pooling=tokens: random token positions per sequence
+    metrics: list[str] = field(default_factory=lambda: ["cosine", "cka_linear", "cka_debiased", "procrustes",
+                                                         "euclidean"])
+    n_boot: int = 1000
+    ci: float = 0.95
+    every_n_steps: int = 0  # >0: also capture during training (profile dynamics)
+    init_batches: int = 4  # training batches for the step-0 objective distance and gradient profile
+    cache: bool = True  # reuse the pre-fine-tuning capture across runs
+    cross_layer: bool = False  # (L+1)x(L+1) CKA matrices (Phang et al. 2021)
+    drop_top_k: int = 0  # evaluate with the top k = 0..K blocks removed after training
+
+
+@dataclass
+class LoggerConf:
+    kind: str = "wandb"  # wandb | csv | none
+    project: str = "locality"
+    entity: str | None = None
+    offline: bool = True
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+SCHEMAS = {"model": ModelConf, "objective": ObjectiveConf, "data": DataConf, "optim": OptimConf,
+           "trainer": TrainerConf, "measure": MeasureConf, "logger": LoggerConf}
+
+
+def control_name(control: Any) -> str:
+    """The control's name for run names: its component names joined by '+', or 'standard'."""
+    names = list(control.keys()) if isinstance(control, DictConfig | dict) else []
+    return "+".join(names) or "standard"
+
+
+def run_name(model: str, objective: str, control: Any, seed: int, overrides: str = "") -> str:
+    """Deterministic run name: model-objective-control-s<seed>, plus a hash of any other swept values."""
+    name = f"{model}-{objective}-{control_name(control)}-s{seed}".replace("/", "_")
+    if overrides:
+        name += "-" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
+    return name
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_name"):
+        OmegaConf.register_new_resolver("run_name", run_name)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Merge every group onto its schema; raise UserError naming the bad key and the valid ones."""
+    for group, schema in SCHEMAS.items():
+        if group not in cfg:
+            raise UserError(f"The config has no '{group}' group; did an experiment file remove it?")
+        try:
+            typed = OmegaConf.merge(OmegaConf.structured(schema), cfg[group])
+        except OmegaConfBaseException as err:
+            valid = ", ".join(schema.__dataclass_fields__)
+            raise UserError(f"Invalid {group} config: {err.msg if hasattr(err, 'msg') else err}. "
+                            f"Valid {group}.* keys: {valid}.") from None
+        with_flag = OmegaConf.to_container(typed)
+        OmegaConf.set_struct(cfg, False)
+        cfg[group] = with_flag
+    if not isinstance(cfg.control, DictConfig | type(None)):
+        raise UserError("control must be a mapping of control components (e.g. control=equal_step).")
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def to_plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value

@@ -1,0 +1,1 @@
+"""Datasets: offline built-ins, hub datasets, tokenizers and the datamodule."""

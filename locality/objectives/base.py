@@ -1,0 +1,86 @@
+"""The objective interface: batch preparation, head, loss and task metrics for one fine-tuning objective.
+
+An objective is an `nn.Module` (its new head's parameters, if any, are trained with the backbone):
+
+- `head_kind`: which Hugging Face model class to load ("base", "causal_lm", "masked_lm"); LM objectives
+  reuse the checkpoint's pretrained head, the others add a new head on the base model.
+- `check(backbone, splits)`: refuse combinations that make no sense, before any training.
+- `collate(examples)`: tokenize a list of {"text", "label"?} examples into a batch.
+- `forward(model, batch)`: loss plus (predictions, targets) for the metrics.
+- `metrics()`: a fresh torchmetrics collection (the module keeps one per stage).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torchmetrics
+from torch import nn
+
+from locality.backbones import Backbone, HeadKind
+from locality.data.sources import Splits
+
+IGNORE = -100
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    preds: torch.Tensor  # class indices, any shape
+    target: torch.Tensor  # same shape; IGNORE where not scored
+
+
+class Objective(nn.Module):
+    name: ClassVar[str]
+    head_kind: ClassVar[HeadKind] = "base"
+
+    def __init__(self, backbone: Backbone, splits: Splits, cfg):
+        super().__init__()
+        self.tokenizer = backbone.tokenizer
+        self.max_length = cfg.max_length
+
+    @classmethod
+    def check_family(cls, family: str, config) -> None:
+        """Raise UserError if this objective makes no sense for this kind of model (before weights load)."""
+
+    @classmethod
+    def check(cls, backbone: Backbone, splits: Splits) -> None:
+        """Raise UserError if this objective cannot be trained on this backbone and data."""
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        raise NotImplementedError
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        return torchmetrics.MetricCollection({
+            "acc": torchmetrics.classification.MulticlassAccuracy(self.num_classes, average="micro",
+                                                                  ignore_index=IGNORE),
+        })
+
+    def tokenize(self, texts: list[str], **kwargs) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
+                              return_tensors="pt", **kwargs)
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
+    """Pool [batch, seq, dim] hidden states per example: first, last non-pad (right padding), or mean."""
+    if how == "first":
+        return hidden[:, 0]
+    if how == "last":
+        last = attention_mask.sum(dim=1).clamp(min=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if how == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    raise ValueError(f"unknown pooling '{how}' (first, last, mean)")
+
+
+FAMILY_POOLING = {"encoder": "first", "decoder": "last", "ssm": "mean", "rnn": "mean"}

@@ -1,0 +1,40 @@
+"""Causal language modelling with the checkpoint's own LM head (decoders, SSMs, RNNs)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from locality.backbones import Backbone
+from locality.data.sources import Splits
+from locality.errors import UserError
+from locality.objectives.base import IGNORE, Objective, StepOutput
+
+
+class CausalLM(Objective):
+    name = "clm"
+    head_kind = "causal_lm"
+
+    def __init__(self, backbone: Backbone, splits: Splits, cfg):
+        super().__init__(backbone, splits, cfg)
+        self.vocab_size = backbone.model.get_output_embeddings().weight.shape[0]
+
+    @classmethod
+    def check_family(cls, family: str, config) -> None:
+        if family == "encoder":
+            raise UserError(f"objective=clm needs a causal model, but this {config.model_type} model is a "
+                            "bidirectional encoder. Use objective=mlm, cls or tok with encoders.")
+
+    @property
+    def num_classes(self) -> int:
+        return self.vocab_size
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.tokenize([e["text"] for e in examples])
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+        return batch
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        preds = out.logits[:, :-1].argmax(dim=-1)
+        return StepOutput(out.loss, preds, batch["labels"][:, 1:])

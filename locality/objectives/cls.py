@@ -1,0 +1,54 @@
+"""Sequence classification with a new linear head on pooled final hidden states.
+
+Pooling follows the family unless `objective.pooling` says otherwise: the first token for encoders
+([CLS]), the last non-pad token for decoders (the only one that has seen the whole text), the mean for
+SSMs and RNNs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchmetrics
+from torch import nn
+
+from locality.backbones import Backbone
+from locality.data.sources import Splits
+from locality.errors import UserError
+from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput, pool
+
+
+class SequenceClassification(Objective):
+    name = "cls"
+    head_kind = "base"
+
+    def __init__(self, backbone: Backbone, splits: Splits, cfg):
+        super().__init__(backbone, splits, cfg)
+        self.pooling = FAMILY_POOLING[backbone.family] if cfg.pooling == "auto" else cfg.pooling
+        self.n_labels = splits.num_labels
+        self.head = nn.Sequential(nn.Dropout(cfg.head_dropout), nn.Linear(backbone.hidden_size, self.n_labels))
+
+    @classmethod
+    def check(cls, backbone: Backbone, splits: Splits) -> None:
+        if splits.num_labels < 2:
+            raise UserError("objective=cls needs a labelled dataset (data.label_field), e.g. data=stdlib_docs or "
+                            "data=sst2; this dataset has no labels. Use objective=clm/mlm on unlabelled text.")
+
+    @property
+    def num_classes(self) -> int:
+        return self.n_labels
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.tokenize([e["text"] for e in examples])
+        batch["labels"] = torch.tensor([e["label"] for e in examples])
+        return batch
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        logits = self.head(pool(hidden, batch["attention_mask"], self.pooling))
+        loss = nn.functional.cross_entropy(logits, batch["labels"])
+        return StepOutput(loss, logits.argmax(dim=-1), batch["labels"])
+
+    def metrics(self) -> torchmetrics.MetricCollection:
+        collection = super().metrics()
+        collection.add_metrics({"f1": torchmetrics.classification.MulticlassF1Score(self.n_labels, average="macro")})
+        return collection

