@@ -7,6 +7,10 @@ done from a callback, so the module asks every control for them:
 - `configure_model(module)`: called once, before optimizers exist (freeze blocks, insert LoRA).
 - `param_groups(module, groups)`: rewrite the optimizer's parameter groups (layer-wise LR decay).
 - `penalty(module)`: an extra loss term added to the objective's loss (L2-SP).
+- `summary()`: numbers for results.json (e.g. the energy at LP-FT's switch).
+
+`configure_model` runs before Lightning restores a checkpoint, so anything captured there (e.g. the
+pretrained anchor of L2-SP) is the pretrained state even when a run resumes.
 
 What a control may rely on from the module (see `locality.module.LocalityModule`):
 `module.blocks` (ordered residual blocks, depth order), `module.parts` (dict of the other named parts:
@@ -39,3 +43,7 @@ class Control(Callback):
     def penalty(self, module: LightningModule) -> torch.Tensor | None:
         """An extra term added to the training loss, or None."""
         return None
+
+    def summary(self) -> dict:
+        """What the control did, for results.json's "controls" entry (e.g. LP-FT's energy at the switch)."""
+        return {}

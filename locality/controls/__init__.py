@@ -1,0 +1,15 @@
+"""Controls: Lightning callbacks that change how fine-tuning proceeds (see `locality.controls.base`).
+
+Adding one = a file here defining a `Control` subclass + `conf/control/<name>.yaml` with its `_target_`.
+"""
+
+from locality.controls.base import Control
+from locality.controls.equal_step import EqualStep, EqualStepCore, UpdateRatioMonitor
+from locality.controls.freeze import Freeze
+from locality.controls.l2sp import L2SP
+from locality.controls.llrd import LayerwiseLRDecay
+from locality.controls.lora import LoRA
+from locality.controls.lp_ft import LPFT
+
+__all__ = ["Control", "EqualStep", "EqualStepCore", "Freeze", "L2SP", "LPFT", "LayerwiseLRDecay", "LoRA",
+           "UpdateRatioMonitor"]

@@ -1,0 +1,61 @@
+"""LoRA through `peft`: low-rank adapters on chosen blocks and modules; everything else pretrained is frozen.
+
+Adapters are injected in place (`peft.inject_adapter_in_model`), so the model object, its blocks and the
+depth-profile hooks stay the same. A new task head (cls, tok) stays trainable. Measurement sees the
+adapted model: captures run through the adapters, and weight_rel counts each adapted weight merged
+(W + scale * B @ A), so LoRA runs are comparable with full fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+from locality.controls.base import Control
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = nn.Linear
+
+
+class LoRA(Control):
+    name = "lora"
+
+    def __init__(self, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 targets: Sequence[str] | None = None, layers: Sequence[int] | None = None):
+        self.rank, self.alpha, self.dropout = rank, alpha, dropout
+        self.targets = list(targets) if targets else None
+        self.layers = list(layers) if layers is not None else None
+        self.adapted: list[str] = []
+
+    def _target_names(self, module) -> list[str]:
+        """Full names (relative to the HF model) of the linear layers to adapt, inside the chosen blocks."""
+        names = {id(m): n for n, m in module.model.named_modules()}
+        n_blocks = len(module.blocks)
+        layers = range(n_blocks) if self.layers is None else [i % n_blocks for i in self.layers]
+        chosen = []
+        for i in layers:
+            for sub_name, sub in module.blocks[i].named_modules():
+                if not isinstance(sub, nn.Linear | Conv1D):
+                    continue
+                if self.targets is None or sub_name.split(".")[-1] in self.targets:
+                    chosen.append(names[id(sub)])
+        if not chosen:
+            raise ValueError(f"lora: no linear layer named {self.targets} in blocks {list(layers)}. Linear layers "
+                             f"of block 0: {[n for n, m in module.blocks[0].named_modules() if isinstance(m, nn.Linear | Conv1D)]}")
+        return chosen
+
+    def configure_model(self, module) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.adapted = self._target_names(module)
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                            target_modules=self.adapted)
+        inject_adapter_in_model(config, module.model)
+        for name, param in module.model.named_parameters():
+            param.requires_grad = "lora_" in name
+
+    def summary(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "adapted_modules": len(self.adapted)}

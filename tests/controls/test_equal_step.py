@@ -1,0 +1,399 @@
+"""Tests of the equal-step control: the pure-torch core against a float64 reference, the Lightning
+callback through accumulation / fp16 / bf16 / clipping / schedulers, and DDP and FSDP2 on two CPU
+processes (gloo)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+import torch.multiprocessing as mp
+from equal_step_toy import CaptureLogger, RatioTracker, ToyModule, toy_loader
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+
+from locality.controls import EqualStep, EqualStepCore, UpdateRatioMonitor
+from locality.controls.equal_step import collect_layers
+
+HERE = Path(__file__).parent
+
+
+def fit(
+    module: ToyModule, callbacks: list, steps: int = 6, n: int = 32, **trainer_kwargs
+) -> tuple[L.Trainer, CaptureLogger]:
+    logger = CaptureLogger()
+    trainer_kwargs.setdefault("max_steps", steps)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=callbacks,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, toy_loader(n=n))
+    return trainer, logger
+
+
+def assert_equal_ratios(ratios: torch.Tensor, rtol: float) -> None:
+    """Every row (one step) has the same ratio in every layer, up to rtol."""
+    assert (ratios > 0).all()
+    spread = ratios.max(-1).values / ratios.min(-1).values - 1
+    assert spread.max().item() < rtol, spread
+
+
+def spreads(ratios: torch.Tensor) -> torch.Tensor:
+    return ratios.max(-1).values / ratios.min(-1).values
+
+
+# 1. Lightning: equalized after every step; monitor mode measures the same thing and changes nothing.
+
+
+def test_lightning_run_equalizes_every_step_and_logs() -> None:
+    L.seed_everything(0, verbose=False)
+    control, tracker = EqualStep(), RatioTracker()
+    trainer, logger = fit(ToyModule(), [control, tracker])
+
+    assert control.layer_names == [f"block_{i:02d}" for i in range(4)]
+    assert control.steps == trainer.global_step == 6
+    history = control.history
+    assert history.shape == (6, 2, 4)
+    assert_equal_ratios(history[:, 1], rtol=1e-6)
+    assert spreads(history[:, 0]).min() > 3  # the blocks' own steps are far from equal
+    # independent check from the weights themselves (float64; fp32 rounding of W limits it to ~1e-6)
+    actual = torch.stack(tracker.ratios)
+    assert actual.shape == (6, 4)
+    assert_equal_ratios(actual, rtol=2e-5)
+    torch.testing.assert_close(actual, history[:, 1].double(), rtol=1e-4, atol=0)
+
+    logged = [(step, m) for step, m in logger.records if "equal_step/spread_after" in m]
+    assert [step for step, _ in logged] == list(range(6))  # Lightning's logger steps 0..5 = global steps 1..6
+    keys = {f"equal_step/ratio_{w}/block_{i:02d}" for w in ("before", "after") for i in range(4)}
+    for (_, metrics), row in zip(logged, history, strict=True):
+        assert keys | {"equal_step/spread_before", "equal_step/spread_after"} <= metrics.keys()
+        after = torch.tensor([metrics[f"equal_step/ratio_after/block_{i:02d}"] for i in range(4)])
+        before = torch.tensor([metrics[f"equal_step/ratio_before/block_{i:02d}"] for i in range(4)])
+        assert_equal_ratios(after[None], rtol=1e-6)
+        torch.testing.assert_close(before, row[0])
+        assert metrics["equal_step/spread_after"] == pytest.approx(1, abs=1e-6)
+        assert metrics["equal_step/spread_before"] == pytest.approx(spreads(row[0]).item(), rel=1e-6)
+    assert not trainer.optimizers[0]._optimizer_step_pre_hooks  # hooks removed in teardown
+    assert not trainer.optimizers[0]._optimizer_step_post_hooks
+
+
+def test_monitor_measures_without_changing_anything() -> None:
+    L.seed_everything(0, verbose=False)
+    plain = ToyModule()
+    fit(plain, [])
+    L.seed_everything(0, verbose=False)
+    monitored, monitor, tracker = ToyModule(), UpdateRatioMonitor(), RatioTracker()
+    _, logger = fit(monitored, [monitor, tracker])
+
+    for p, q in zip(plain.parameters(), monitored.parameters(), strict=True):
+        assert torch.equal(p, q)
+    history = monitor.history
+    assert torch.equal(history[:, 0], history[:, 1])
+    torch.testing.assert_close(history[:, 0].double(), torch.stack(tracker.ratios), rtol=1e-5, atol=0)
+    assert spreads(history[:, 0]).min() > 3
+    logged = [m for _, m in logger.records if "update_ratio/spread" in m]
+    assert len(logged) == 6
+    assert {f"update_ratio/block_{i:02d}" for i in range(4)} <= logged[0].keys()
+    assert not any(k.startswith("equal_step/") for m in logged for k in m)
+
+
+def test_include_parts_and_target_none() -> None:
+    L.seed_everything(0, verbose=False)
+    control = EqualStep(target=None, include=["head", "embeddings"])
+    fit(ToyModule(freeze=(1,)), [control], steps=2)
+    assert control.layer_names == ["embeddings", "block_00", "block_02", "block_03", "head"]
+    assert torch.equal(control.history[:, 0], control.history[:, 1])
+
+    L.seed_everything(0, verbose=False)
+    control = EqualStep(include=["embeddings", "final_norm", "head"])
+    fit(ToyModule(), [control], steps=3)
+    assert control.layer_names[0] == "embeddings" and control.layer_names[-2:] == ["final_norm", "head"]
+    assert_equal_ratios(control.history[:, 1], rtol=1e-6)
+
+
+class StartAt(L.Callback):
+    def __init__(self, control: EqualStep, step: int) -> None:
+        self.control, self.step = control, step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        self.control.enabled = trainer.global_step >= self.step
+
+
+def test_enabled_switches_between_steps_and_summary() -> None:
+    L.seed_everything(0, verbose=False)
+    control, tracker = EqualStep(), RatioTracker()
+    fit(ToyModule(), [control, StartAt(control, 2), tracker], steps=6)
+    assert control.steps == 4
+    actual = torch.stack(tracker.ratios)
+    assert spreads(actual[:2]).min() > 3
+    assert_equal_ratios(actual[2:], rtol=2e-5)
+    summary = control.summary()
+    assert summary["steps"] == 4 and summary["layers"] == control.layer_names
+    assert summary["spread_after_median"] == pytest.approx(1, abs=1e-6)
+    assert summary["spread_before_median"] > 3
+
+
+def test_bad_arguments() -> None:
+    for bad in ("avg", 0.0, -1.0, True):
+        with pytest.raises(ValueError, match="target"):
+            EqualStep(target=bad)
+    with pytest.raises(ValueError, match="unknown parts"):
+        EqualStep(include=["lm_head"])
+    with pytest.warns(UserWarning, match="final_norm"):
+        names, _ = collect_layers(Toy(), include=["final_norm"])
+    assert names[0] == "block_00"
+    with pytest.raises(ValueError, match="blocks"):
+        collect_layers(nn.Linear(2, 2))
+    with pytest.raises(RuntimeError, match="snapshot"):
+        EqualStepCore([[nn.Parameter(torch.ones(2))]]).update()
+
+
+# 2. The core against a per-tensor float64 reference.
+
+
+class Toy(nn.Module):
+    """Blocks: normal, frozen, zero update (unused in the loss), partly frozen, normal; tied embed/head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(6, 6), nn.Tanh()) for _ in range(5))
+        self.blocks[1].requires_grad_(False)
+        self.blocks[3][0].bias.requires_grad_(False)
+        self.embed = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 6)
+        self.head.weight = self.embed.weight
+        self.parts = {"embeddings": self.embed, "head": self.head}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for i, block in enumerate(self.blocks):
+            if i != 2:
+                x = x + (i + 1) * block(x)
+        return self.head(x).sum()
+
+
+def frozen_params(model: Toy) -> list[torch.Tensor]:
+    return [*model.blocks[1].parameters(), model.blocks[3][0].bias]
+
+
+def reference(
+    old: list[list[torch.Tensor]], new: list[list[torch.Tensor]], target: str | float
+) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    """Plain loop in float64: the expected W after control, and the ratios before."""
+    ratios = []
+    for o, n in zip(old, new, strict=True):
+        d2 = sum(float(((b.double() - a.double()) ** 2).sum()) for a, b in zip(o, n, strict=True))
+        w2 = sum(float((a.double() ** 2).sum()) for a in o)
+        ratios.append(d2**0.5 / w2**0.5)
+    moved = sorted(r for r in ratios if r > 0)
+    k = len(moved)
+    r_star = {
+        "mean": sum(moved) / k,
+        "max": max(moved),
+        "median": (moved[(k - 1) // 2] + moved[k // 2]) / 2,
+    }.get(target, target)
+    expected = []
+    for o, n, r in zip(old, new, ratios, strict=True):
+        s = r_star / r if r > 0 else 1.0
+        expected.append([a.double() + s * (b.double() - a.double()) for a, b in zip(o, n, strict=True)])
+    return expected, torch.tensor(ratios, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("multi_tensor_kernels", [False, True], ids=["addcmul", "mul-per-layer"])
+@pytest.mark.parametrize("target", ["mean", "median", "max", 0.05])
+def test_core_matches_float64_reference(target: str | float, multi_tensor_kernels: bool) -> None:
+    torch.manual_seed(0)
+    model = Toy()
+    names, layers = collect_layers(model, include=["embeddings", "head"])
+    block_names = ["block_00", "block_02", "block_03", "block_04"]  # frozen block_01 dropped
+    assert names == ["embeddings", *block_names, "head"]
+    assert layers[-1] == [model.head.bias]  # the tied weight belongs to the embeddings only
+    core = EqualStepCore(layers, target=target, names=names)
+    core.multi_tensor_kernels = multi_tensor_kernels
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 6)).backward()
+        old = [[p.detach().clone() for p in ps] for ps in layers]
+        frozen = [p.detach().clone() for p in frozen_params(model)]
+        core.snapshot()
+        opt.step()
+        new = [[p.detach().clone() for p in ps] for ps in layers]
+        core.update()
+        expected, ratios = reference(old, new, target)
+        torch.testing.assert_close(core.ratio_before.double(), ratios, rtol=1e-5, atol=0)
+        for ps, exp in zip(layers, expected, strict=True):
+            for p, e in zip(ps, exp, strict=True):
+                # fp32 rounding: a few ulp of the tensor's largest entry (the step itself is ~1e4x larger)
+                torch.testing.assert_close(p.double(), e, rtol=1e-6, atol=1e-6 * e.abs().max().item())
+        zero = names.index("block_02")
+        assert core.ratio_before[zero] == 0 and core.ratio_after[zero] == 0
+        assert all(torch.equal(a, b) for a, b in zip(old[zero], layers[zero], strict=True))  # left alone
+        assert torch.isfinite(core.ratio_after).all()
+        after = core.ratio_after[ratios > 0]
+        r_star = target if isinstance(target, float) else after[0].item()
+        torch.testing.assert_close(after, torch.full_like(after, r_star), rtol=1e-6, atol=0)
+        assert all(torch.equal(a, b) for a, b in zip(frozen, frozen_params(model), strict=True))
+    assert core.history.shape == (3, 2, 6) and core.steps == 3
+
+
+def test_core_attach_and_nothing_moved() -> None:
+    w = [nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))]
+    core = EqualStepCore([[w[0]], [w[1]]], target="median")
+    opt = torch.optim.SGD(w, lr=0.1)
+    handles = core.attach(opt)
+    opt.step()  # no gradients: nothing moves, no NaN, still one controlled step
+    assert core.steps == 1 and torch.equal(core.ratio_after, torch.zeros(2))
+    assert torch.equal(w[0], torch.ones(3))
+    for h in handles:
+        h.remove()
+    opt.step()
+    assert core.steps == 1
+
+
+# 3. Gradient accumulation.
+
+
+def test_accumulation_controls_only_real_steps() -> None:
+    L.seed_everything(0, verbose=False)
+    control, tracker = EqualStep(), RatioTracker()
+    trainer, logger = fit(
+        ToyModule(), [control, tracker], steps=-1, n=28, max_epochs=1, accumulate_grad_batches=3
+    )
+    assert trainer.global_step == 3  # 7 batches, windows of 3: 3 + 3 + 1
+    assert control.steps == 3 and control.history.shape[0] == 3
+    assert len(tracker.ratios) == 3
+    assert_equal_ratios(torch.stack(tracker.ratios), rtol=2e-5)
+    assert sum("equal_step/spread_after" in m for _, m in logger.records) == 3
+
+
+# 4. fp16 (GradScaler skips a step) and bf16-mixed.
+
+
+def test_fp16_step_skipped_by_scaler_is_left_alone() -> None:
+    L.seed_everything(0, verbose=False)
+    control, tracker = EqualStep(), RatioTracker()
+    fp16 = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer, logger = fit(ToyModule(inf_grad_at_step=2), [control, tracker], steps=5, plugins=[fp16])
+    assert trainer.global_step == 5  # Lightning counts the skipped step
+    assert control.steps == 4  # the post-hook did not fire for it
+    assert len(tracker.ratios) == 4  # and the weights did not move on it
+    assert_equal_ratios(torch.stack(tracker.ratios), rtol=2e-5)
+    logged_steps = [step for step, m in logger.records if "equal_step/spread_after" in m]
+    assert logged_steps == [0, 1, 3, 4]  # nothing logged for the skipped step (global step 3)
+
+
+def test_bf16_mixed() -> None:
+    L.seed_everything(0, verbose=False)
+    control, tracker = EqualStep(), RatioTracker()
+    fit(ToyModule(), [control, tracker], steps=4, precision="bf16-mixed")
+    assert control.steps == 4
+    assert_equal_ratios(control.history[:, 1], rtol=1e-6)
+    assert_equal_ratios(torch.stack(tracker.ratios), rtol=2e-5)
+
+
+# 5. Gradient clipping and an LR schedule.
+
+
+def test_clipping_and_scheduler() -> None:
+    L.seed_everything(0, verbose=False)
+    control, tracker = EqualStep(target="median"), RatioTracker()
+    module = ToyModule(optimizer="sgd", lr=2.0, scheduler=True)
+    trainer, _ = fit(module, [control, tracker], steps=4, gradient_clip_val=0.05)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(2.0 * 0.5**4)
+    assert_equal_ratios(torch.stack(tracker.ratios), rtol=2e-5)
+    assert_equal_ratios(control.history[:, 1], rtol=1e-6)
+    assert spreads(control.history[:, 0]).min() > 3
+
+
+# 6 and 7. Two processes (gloo): Lightning DDP, and FSDP2 shards driven by the core.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load(out: Path) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """Fork two ranks from this process (imports already paid; no Lightning launcher, no sys.argv re-exec)."""
+    import equal_step_dist_worker as worker
+
+    out = tmp_path_factory.mktemp("dist")
+    ctx = mp.start_processes(
+        worker.forked, args=(2, str(out), _free_port()), nprocs=2, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("two-process worker timed out")
+    return _load(out)
+
+
+def check_ddp(ranks: list[dict]) -> None:
+    a, b = (r["ddp"] for r in ranks)
+    assert a["world_size"] == b["world_size"] == 2
+    assert a["first_batch"] != b["first_batch"]  # each rank saw its own data
+    for p, q in zip(a["params"], b["params"], strict=True):
+        assert torch.equal(p, q)
+    assert a["history"].shape == (4, 2, 4)
+    assert torch.equal(a["history"], b["history"])
+    assert_equal_ratios(a["history"][:, 1], rtol=1e-6)
+    assert spreads(a["history"][:, 0]).min() > 3
+
+
+def check_fsdp2(ranks: list[dict]) -> None:
+    for r in ranks:
+        f = r["fsdp2"]
+        assert f["max_abs_diff"] < 1e-5  # gathered FSDP2 params == unsharded equal-step run
+        assert f["all_reduce_per_step"] == [1, 1, 1, 1]  # exactly one collective per step
+        assert f["all_reduce_shapes"] == [(2, 3)] * 4  # the stacked [2, n_layers] sums of squares
+        torch.testing.assert_close(f["history"], f["ref_history"], rtol=1e-5, atol=0)
+        assert_equal_ratios(f["history"][:, 1], rtol=1e-6)
+    assert ranks[1]["fsdp2"]["local_numels"][0] == 0  # the size-1 gate: an empty shard on rank 1
+
+
+def test_ddp_two_processes(two_ranks: list[dict]) -> None:
+    check_ddp(two_ranks)
+
+
+def test_fsdp2_two_processes(two_ranks: list[dict]) -> None:
+    check_fsdp2(two_ranks)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    """The same worker under torchrun (TorchElastic environment), as a user would launch it (~25 s)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+    }
+    subprocess.run(
+        [*cmd, str(HERE / "equal_step_dist_worker.py"), str(tmp_path)], check=True, env=env, timeout=300
+    )
+    ranks = _load(tmp_path)
+    check_ddp(ranks)
+    check_fsdp2(ranks)
