@@ -1,7 +1,8 @@
 """Typed schemas for the config groups, the run-name resolver, and validation before any work starts.
 
-Each group's YAML is merged onto its dataclass schema at startup, so a misspelt key or a wrong type
-is reported (exit 2) before a model is loaded. Controls are free-form `_target_` configs (their
+Every option of a group extends its dataclass schema (`defaults: [schema, _self_]`), so every key can be
+overridden on any option, and Hydra reports a misspelt key or a wrong type (exit 2) before a model is
+loaded; `validate` then checks values that have a fixed set of choices. Controls are free-form `_target_` configs (their
 constructor arguments are their schema) and are checked by instantiating them.
 """
 
@@ -11,6 +12,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -85,7 +87,7 @@ class TrainerConf:
     val_check_interval: Any = None
     check_val_every_n_epoch: int | None = 1
     enable_progress_bar: bool = True
-    deterministic: Any = "warn"
+    deterministic: Any = True
     ckpt_every_n_steps: int = 100
 
 
@@ -97,10 +99,13 @@ class MeasureConf:
     metrics: list[str] = field(default_factory=lambda: ["cosine", "cka_linear", "cka_debiased", "procrustes",
                                                          "euclidean"])
     n_boot: int = 1000
+    n_boot_procrustes: int = 50  # Procrustes replicates cost ~100x the others: the first n of the same draws
     ci: float = 0.95
+    ci_method: str = "basic"  # basic (2*slope - quantiles; robust to the bootstrap bias of biased metrics) | percentile
     every_n_steps: int = 0  # >0: also capture during training (profile dynamics)
     init_batches: int = 4  # training batches for the step-0 objective distance and gradient profile
     cache: bool = True  # reuse the pre-fine-tuning capture across runs
+    update_ratios: bool = True  # log per-block ||dW||/||W|| every step in runs without equal_step
     cross_layer: bool = False  # (L+1)x(L+1) CKA matrices (Phang et al. 2021)
     drop_top_k: int = 0  # evaluate with the top k = 0..K blocks removed after training
 
@@ -134,8 +139,12 @@ def run_name(model: str, objective: str, control: Any, seed: int, overrides: str
 
 
 def register_resolvers() -> None:
+    """Register the run-name resolver and each group's schema (`<group>/schema`, the base of its options)."""
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name)
+    store = ConfigStore.instance()
+    for group, schema in SCHEMAS.items():
+        store.store(group=group, name="schema", node=schema)
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -154,8 +163,42 @@ def validate(cfg: DictConfig) -> DictConfig:
         cfg[group] = with_flag
     if not isinstance(cfg.control, DictConfig | type(None)):
         raise UserError("control must be a mapping of control components (e.g. control=equal_step).")
+    _check_choices(cfg)
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    """Values with a fixed set of choices, checked now rather than when they are first used."""
+    from locality.measure.capture import POOLINGS
+    from locality.measure.similarity import METRICS
+
+    choices = {
+        "measure.pooling": (cfg.measure.pooling, POOLINGS),
+        "measure.ci_method": (cfg.measure.ci_method, ("basic", "percentile")),
+        "objective.pooling": (cfg.objective.pooling, ("auto", "first", "last", "mean")),
+        "data.source": (cfg.data.source, ("builtin", "hub")),
+        "logger.kind": (cfg.logger.kind, ("wandb", "csv", "none")),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise UserError(f"{key}={value!r} is not a valid choice; choose one of: {', '.join(valid)}.")
+    unknown = [m for m in cfg.measure.metrics if m not in METRICS]
+    if unknown:
+        raise UserError(f"measure.metrics has unknown metric(s) {unknown}; valid metrics: {', '.join(METRICS)}.")
+    if not 0 < cfg.measure.ci < 1:
+        raise UserError(f"measure.ci={cfg.measure.ci} must be a coverage level in (0, 1), e.g. 0.95.")
+    if cfg.measure.n_probe < 4:
+        raise UserError(f"measure.n_probe={cfg.measure.n_probe} is too small; use at least 4 (512+ for stable CKA).")
+
+
+def load_option(group: str, name: str) -> DictConfig:
+    """One option of a config group merged onto its schema, outside Hydra (tests, notebooks)."""
+    from locality.paths import conf_dir
+
+    raw = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
+    raw.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), raw)
 
 
 def to_plain(value: Any) -> Any:

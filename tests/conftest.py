@@ -26,7 +26,7 @@ def train(tmp_path):
     """Compose the real Hydra config with overrides and run one training job in-process; returns results."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    from omegaconf import open_dict, read_write
 
     from locality.paths import conf_dir
     from locality.train import run
@@ -35,8 +35,9 @@ def train(tmp_path):
         all_overrides = [*(FAST if fast else []), f"outputs_root={tmp_path}", *overrides]
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = compose("train", overrides=all_overrides, return_hydra_config=True)
-            with open_dict(cfg):
-                cfg.hydra.runtime.output_dir = cfg.hydra.run.dir
+            HydraConfig.instance().set_config(cfg)  # run.dir resolves through ${hydra:...}
+            with read_write(cfg.hydra.runtime), open_dict(cfg.hydra.runtime):
+                cfg.hydra.runtime.output_dir = str(cfg.hydra.run.dir)
             HydraConfig.instance().set_config(cfg)
             return run(cfg)
 

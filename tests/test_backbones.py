@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from locality.backbones import ModelSpec, find_blocks, load_backbone, resolve_source
+from locality.config import load_option
 from locality.errors import UserError
-from locality.paths import conf_dir
 
 EXPECTED = {  # preset: (family, block_type, n_layers, blocks_path)
     "tiny_gpt2": ("decoder", "sequential", 4, "h"),
@@ -23,8 +22,7 @@ EXPECTED = {  # preset: (family, block_type, n_layers, blocks_path)
 
 
 def spec(preset: str, **changes) -> ModelSpec:
-    values = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{preset}.yaml"))
-    return ModelSpec(**{**values, **changes})
+    return ModelSpec(**{**load_option("model", preset), **changes})
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))

@@ -6,12 +6,11 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from locality.config import DataConf
+from locality.config import load_option
 from locality.data.corpus import TOPIC_PACKAGES, stdlib_docstrings
 from locality.data.sources import load_builtin, load_splits
 from locality.data.wordclass import TAGS, tag_spans
 from locality.errors import UserError
-from locality.paths import conf_dir
 
 
 def test_stdlib_docs_is_a_15_way_topic_task_without_duplicates():
@@ -50,7 +49,7 @@ def test_hub_loader_reads_sst2_format_from_local_parquet(tmp_path):
             for i in range(120)]
     pd.DataFrame(rows[:80]).to_parquet(tmp_path / "train.parquet")
     pd.DataFrame(rows[80:]).to_parquet(tmp_path / "validation.parquet")
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConf), OmegaConf.load(conf_dir() / "data" / "sst2.yaml"), {
+    cfg = OmegaConf.merge(load_option("data", "sst2"), {
         "path": "parquet", "subset": None, "n_validation": 10,
         "data_files": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "validation.parquet")}})
     splits = load_splits(cfg, n_probe=20)
@@ -64,7 +63,7 @@ def test_hub_loader_reads_wikitext_format_from_local_json(tmp_path):
     lines = [" = Title = \n", ""] + [f" Paragraph {i} " + "text " * 60 for i in range(40)]
     for split, chunk in (("train", lines[:30]), ("validation", lines[30:])):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in chunk))
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConf), OmegaConf.load(conf_dir() / "data" / "wikitext.yaml"), {
+    cfg = OmegaConf.merge(load_option("data", "wikitext"), {
         "path": "json", "subset": None, "n_validation": 2,
         "data_files": {s: str(tmp_path / f"{s}.jsonl") for s in ("train", "validation")}})
     splits = load_splits(cfg, n_probe=5)

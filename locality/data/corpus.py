@@ -7,10 +7,16 @@ corpus is deterministic for a given Python version and needs no network.
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
+import os
 import re
+import sys
 import sysconfig
 from functools import lru_cache
 from pathlib import Path
+
+from locality.paths import cache_dir
 
 # The topic-classification labels: which of these standard-library packages a docstring comes from.
 TOPIC_PACKAGES = (
@@ -49,7 +55,21 @@ def _fingerprint(text: str) -> str:
 
 @lru_cache(maxsize=1)
 def stdlib_docstrings() -> tuple[tuple[str, str], ...]:
-    """(package, docstring) pairs for TOPIC_PACKAGES, near-duplicates dropped (first occurrence kept)."""
+    """(package, docstring) pairs for TOPIC_PACKAGES, near-duplicates dropped (first occurrence kept).
+
+    Parsing the standard library takes seconds, so the result is cached per Python version."""
+    key = hashlib.sha1(repr((sys.version, str(_stdlib_root()), TOPIC_PACKAGES, MIN_CHARS)).encode()).hexdigest()[:12]
+    path = cache_dir() / f"stdlib_docs_{key}.json"
+    if path.is_file():
+        return tuple(tuple(pair) for pair in json.loads(path.read_text()))
+    pairs = _parse_docstrings()
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(pairs))
+    tmp.replace(path)
+    return pairs
+
+
+def _parse_docstrings() -> tuple[tuple[str, str], ...]:
     seen: set[str] = set()
     pairs = []
     for package in TOPIC_PACKAGES:

@@ -70,6 +70,12 @@ class Objective(nn.Module):
                               return_tensors="pt", **kwargs)
 
 
+def no_cache(model: nn.Module) -> dict:
+    """Training never needs the generation cache; RWKV even updates its state in place with it (which
+    breaks backward in eval mode), so models that have one are told not to use it."""
+    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
     """Pool [batch, seq, dim] hidden states per example: first, last non-pad (right padding), or mean."""
     if how == "first":

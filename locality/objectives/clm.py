@@ -8,7 +8,7 @@ from torch import nn
 from locality.backbones import Backbone
 from locality.data.sources import Splits
 from locality.errors import UserError
-from locality.objectives.base import IGNORE, Objective, StepOutput
+from locality.objectives.base import IGNORE, Objective, StepOutput, no_cache
 
 
 class CausalLM(Objective):
@@ -35,6 +35,7 @@ class CausalLM(Objective):
         return batch
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    **no_cache(model))
         preds = out.logits[:, :-1].argmax(dim=-1)
         return StepOutput(out.loss, preds, batch["labels"][:, 1:])

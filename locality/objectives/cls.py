@@ -14,7 +14,7 @@ from torch import nn
 from locality.backbones import Backbone
 from locality.data.sources import Splits
 from locality.errors import UserError
-from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput, pool
+from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput, no_cache, pool
 
 
 class SequenceClassification(Objective):
@@ -43,7 +43,8 @@ class SequenceClassification(Objective):
         return batch
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  **no_cache(model))[0]
         logits = self.head(pool(hidden, batch["attention_mask"], self.pooling))
         loss = nn.functional.cross_entropy(logits, batch["labels"])
         return StepOutput(loss, logits.argmax(dim=-1), batch["labels"])

@@ -14,7 +14,7 @@ from locality.backbones import Backbone
 from locality.data.sources import Splits
 from locality.data.wordclass import TAGS, tag_spans
 from locality.errors import UserError
-from locality.objectives.base import IGNORE, Objective, StepOutput
+from locality.objectives.base import IGNORE, Objective, StepOutput, no_cache
 
 
 class TokenClassification(Objective):
@@ -53,7 +53,8 @@ class TokenClassification(Objective):
         return batch
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  **no_cache(model))[0]
         logits = self.head(hidden)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
         return StepOutput(loss, logits.argmax(dim=-1), batch["labels"])

@@ -1,0 +1,1 @@
+"""Aggregate finished runs into tables, figures and a summary (`python -m locality.analyze`)."""

@@ -1,0 +1,73 @@
+"""Show a run's depth profile: a per-layer table on the terminal, and the same numbers to the loggers."""
+
+from __future__ import annotations
+
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+TABLE_METRICS = ("cosine", "cka_linear", "cka_debiased", "procrustes", "weight_rel")
+
+
+def _fmt(value) -> str:
+    return "      -" if value is None else f"{value:7.4f}"
+
+
+def format_profile(results: dict) -> str:
+    change, depth = results["change"], results["depth"]
+    grad = [None, *results["init"].get("grad_rel", [])]
+    metrics = [m for m in TABLE_METRICS if m in change]
+    head = f"{'layer':>5} {'depth':>6} " + " ".join(f"{m[:12]:>12}" for m in metrics) + f" {'grad@0':>10}"
+    lines = [f"Depth profile of {results['run']['name']} "
+             f"({results['run']['n_layers']} blocks; change of the probe set's representations, pre vs post)",
+             head, "-" * len(head)]
+    for layer, d in enumerate(depth):
+        cells = " ".join(f"{_fmt(change[m][layer]):>12}" for m in metrics)
+        grad_cell = "-" if grad[layer] is None else f"{grad[layer]:.3e}"
+        lines.append(f"{layer:>5} {d:6.3f} {cells} {grad_cell:>10}")
+    lines.append("")
+    lines.append(f"{'metric':<14} {'slope':>9}  {'95% CI':>21} {'steepness':>10} {'width':>6}")
+    for metric, stats in results["profile"].items():
+        ci = stats.get("slope_ci")
+        ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "(no bootstrap)"
+        lines.append(f"{metric:<14} {stats['slope']:+9.4f}  {ci_text:>21} {_fmt(stats['steepness']):>10} "
+                     f"{stats['width']:6.2f}")
+    init, final = results["init"], results["final"]
+    grad_slope = init.get("grad_rel_slope")
+    lines.append("")
+    lines.append(f"step 0: loss {init['loss']:.4f}" + (f", acc {init['acc']:.4f}" if "acc" in init else "")
+                 + (f", gradient-profile slope {grad_slope:+.3e}" if grad_slope is not None else "")
+                 + "   |   final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
+                                                  if isinstance(v, float)))
+    return "\n".join(lines)
+
+
+def profile_scalars(results: dict) -> dict[str, float]:
+    scalars = {}
+    for metric, stats in results["profile"].items():
+        for key in ("slope", "steepness", "width"):
+            if stats.get(key) is not None:
+                scalars[f"profile/{metric}/{key}"] = stats[key]
+        if stats.get("slope_ci"):
+            scalars[f"profile/{metric}/slope_lo"], scalars[f"profile/{metric}/slope_hi"] = stats["slope_ci"]
+    for key, value in results["init"].items():
+        if isinstance(value, float):
+            scalars[f"init/{key}"] = value
+    return scalars
+
+
+def log_profile(loggers: list[Logger], results: dict, step: int) -> None:
+    """Scalars to every logger; on W&B also a per-layer table and a line plot of the profile."""
+    scalars = profile_scalars(results)
+    for logger in loggers:
+        logger.log_metrics(scalars, step=step)
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            rows = [[layer, results["depth"][layer], metric, values[layer]]
+                    for metric, values in results["change"].items()
+                    for layer in range(len(values)) if values[layer] is not None]
+            table = wandb.Table(columns=["layer", "depth", "metric", "change"], data=rows)
+            logger.experiment.log({
+                "profile/table": table,
+                "profile/plot": wandb.plot.line(table, "depth", "change", stroke="metric",
+                                                title="Depth profile of representational change"),
+            })

@@ -1,0 +1,159 @@
+"""One fine-tuning run: `python -m locality.train [overrides]` (Hydra; `-m` sweeps).
+
+Read top to bottom: resolve the run directory, load the backbone and data, build the objective and
+controls, measure before training, train, measure after training, write results.json last.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from locality.backbones import ModelSpec, load_backbone, peek_family
+from locality.config import control_name, register_resolvers, to_plain, validate
+from locality.controls import Control, UpdateRatioMonitor
+from locality.data.datamodule import LocalityDataModule
+from locality.data.sources import load_splits
+from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
+from locality.measure.cross_layer import save_cross_layer
+from locality.measure.depth import DepthProfiler
+from locality.measure.drop_top import evaluate_dropping_top
+from locality.measure.report import format_profile, log_profile
+from locality.module import LocalityModule
+from locality.objectives import objective_class
+from locality.paths import conf_dir
+from locality.rundir import RunDir
+from locality.trainer import build_logger, build_trainer, finish_wandb
+
+register_resolvers()
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for progress and the profile: library chatter goes to warnings level."""
+    import logging
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|litlogger).*")
+
+
+def run(cfg: DictConfig) -> dict:
+    cfg = validate(cfg)
+    quiet_libraries()
+    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
+    if run_dir.complete and not cfg.force:
+        print(f"{run_dir.path} is complete (results.json exists); skipping. Use force=true to re-run.")
+        return run_dir.read_results()
+    run_dir.save_config(cfg)
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    spec = ModelSpec(**cfg.model)
+    objective_cls = objective_class(cfg.objective.name, family=peek_family(spec))
+    backbone = load_backbone(spec, objective_cls.head_kind, require=objective_cls.check_family)
+    splits = load_splits(cfg.data, n_probe=cfg.measure.n_probe)
+    objective_cls.check(backbone, splits)
+    objective = objective_cls(backbone, splits, cfg.objective)
+    data = LocalityDataModule(splits, objective, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed,
+                              cfg.data.num_workers)
+    controls = build_controls(cfg.control)
+    module = LocalityModule(backbone, objective, cfg.optim, controls)
+    print(backbone.describe())
+
+    profiler = DepthProfiler(cfg.measure, backbone, data, cfg.seed)
+    profiler.before_training(module)
+
+    logger = build_logger(cfg.logger, run_dir, cfg.run_name, to_plain(cfg))
+    callbacks = [*controls, *filter(None, [profiler.dynamics_callback(), ratio_monitor(cfg.measure, controls)])]
+    trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
+    trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
+    final = trainer.validate(module, datamodule=data, verbose=False)[0]
+
+    results = {
+        "run": {"name": cfg.run_name, "model": cfg.model.name, "family": backbone.family,
+                "block_type": backbone.block_type, "objective": objective_cls.name,
+                "control": control_name(cfg.control), "seed": cfg.seed, "n_params": backbone.n_params,
+                "n_layers": backbone.n_layers, "steps": trainer.global_step,
+                "wall_s": time.perf_counter() - started},
+        **profiler.after_training(module),
+        "init": profiler.init,
+        "final": {key.removeprefix("val/"): float(value) for key, value in final.items()},
+        "controls": {control.name: control.summary() for control in controls},
+        "timings": {**profiler.timings, "pre_capture_cached": profiler.cache_hit},
+    }
+    if cfg.measure.drop_top_k:
+        results["drop_top_k"] = evaluate_dropping_top(trainer, module, data, backbone, cfg.measure.drop_top_k)
+    if "cross_layer" in results:
+        save_cross_layer(run_dir.path, results["cross_layer"])
+    results["run"]["wall_s"] = time.perf_counter() - started
+    log_profile(trainer.loggers, results, step=trainer.global_step)
+    run_dir.write_results(results)
+    print(format_profile(results))
+    print(f"\nresults: {run_dir.results_path}")
+    return results
+
+
+def ratio_monitor(measure_cfg, controls: list[Control]) -> UpdateRatioMonitor | None:
+    """Runs without the equal-step control still log their per-block update ratios, for comparison."""
+    if not measure_cfg.update_ratios or any(isinstance(c, UpdateRatioMonitor) for c in controls):
+        return None
+    return UpdateRatioMonitor()
+
+
+def build_controls(control_cfg: DictConfig | None) -> list[Control]:
+    controls = []
+    for name, component in (control_cfg or {}).items():
+        try:
+            control = instantiate(component)
+        except Exception as err:
+            raise UserError(f"Could not build control '{name}' from {to_plain(component)}: {err}") from err
+        if not isinstance(control, Control):
+            raise UserError(f"control.{name} built a {type(control).__name__}, not a locality Control.")
+        controls.append(control)
+    return controls
+
+
+_job_started = False
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+def hydra_main(cfg: DictConfig) -> None:
+    global _job_started
+    _job_started = True
+    try:
+        run(cfg)
+    except UserError as err:
+        # A single run exits 2 with one paragraph; in a sweep the job fails and the sweep goes on.
+        if HydraConfig.get().mode == RunMode.MULTIRUN or wants_traceback():
+            raise
+        report(err)
+        sys.exit(EXIT_USER_ERROR)
+    finally:
+        finish_wandb()
+
+
+def main() -> None:
+    """Console entry point. Hydra reports a config it cannot compose (an unknown choice, a misspelt key) and
+    exits 1 before any job starts; those are user errors too, so they exit 2 like ours."""
+    try:
+        hydra_main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _job_started:
+            sys.exit(EXIT_USER_ERROR)
+        raise
+
+
+if __name__ == "__main__":
+    main()

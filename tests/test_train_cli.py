@@ -1,0 +1,121 @@
+"""The real CLI end to end: the default run, offline errors, skip/resume, sweeps, failures and analysis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from locality.controls.base import Control
+
+FAST = ["trainer=smoke", "measure=fast", "data.n_validation=16", "data.batch_size=4", "objective.max_length=32"]
+
+
+def cli(*args: str, cwd: Path, module: str = "locality.train", timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LOCALITY_OUTPUTS": str(cwd / "outputs"), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_default_run_prints_the_profile_and_writes_the_run_dir(tmp_path):
+    """The no-override default (MiniLM, cls, standard, W&B offline), shortened, from another directory."""
+    proc = cli("trainer.max_steps=3", "measure.n_probe=64", "measure.n_boot=100", "data.n_validation=32",
+               "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Depth profile of minilm-cls-standard-s0" in proc.stdout
+    assert "cka_linear" in proc.stdout and "95% CI" in proc.stdout
+    runs = list((tmp_path / "outputs" / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("minilm-cls-standard-s0-")
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert results["schema"] == "locality.results/1"
+    assert results["run"]["family"] == "encoder" and results["run"]["n_layers"] == 6
+    assert len(results["depth"]) == 7 and results["depth"][0] == 0.0 and results["depth"][-1] == 1.0
+    for metric in ("cosine", "cka_linear", "cka_debiased", "procrustes", "euclidean", "weight_rel"):
+        assert len(results["change"][metric]) == 7
+    for metric in ("cosine", "cka_linear", "cka_debiased", "procrustes", "euclidean"):
+        lo, hi = results["profile"][metric]["slope_ci"]
+        assert lo < hi
+    for metric in ("cosine", "cka_debiased"):  # unbiased statistics: replicates center on the point value
+        lo, hi = results["profile"][metric]["slope_ci"]
+        assert lo <= results["profile"][metric]["slope"] <= hi
+    assert results["change"]["weight_rel"][0] is None
+    assert (runs[0] / "config.yaml").is_file() and (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    assert list((runs[0] / "wandb").glob("offline-run-*"))
+
+
+def test_offline_hub_model_fails_fast_with_the_offline_presets(tmp_path):
+    start = time.perf_counter()
+    proc = cli("model=gpt2", "objective=clm", "control=standard", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert time.perf_counter() - start < 60
+    assert "tiny_gpt2" in proc.stderr and "minilm" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs" / "runs").exists() or not list((tmp_path / "outputs").rglob("results.json"))
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("model=nope", "tiny_gpt2"),  # Hydra lists the available choices
+    ("trainer.max_stepz=3", "max_stepz"),
+    ("objective=mlm", "no pretrained masked-LM head"),
+])
+def test_user_errors_exit_2_without_traceback(tmp_path, override, expected):
+    proc = cli(override, *FAST, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+class Explode(Control):
+    """Raises after `at` optimizer steps: a run that fails mid-training."""
+
+    name = "explode"
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.at:
+            raise RuntimeError("boom")
+
+
+def test_failed_run_keeps_its_checkpoint_and_resumes(train, tmp_path):
+    args = ["model=tiny_gpt2", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "logger=csv"]
+    with pytest.raises(RuntimeError, match="boom"):
+        train(*args, "+control.explode._target_=test_train_cli.Explode", "+control.explode.at=3")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "results.json").exists()
+    # the same run without the failure has a different name (control differs); resume the failed dir itself
+    results = train(*args, f"hydra.run.dir={run_dir}")
+    assert results["run"]["steps"] == 4 and (run_dir / "results.json").is_file()
+
+
+def test_complete_run_is_skipped_and_the_pre_capture_is_cached(train):
+    first = train("model=tiny_pythia", "objective=cls")
+    assert first["timings"]["pre_capture_cached"] is False
+    again = train("model=tiny_pythia", "objective=cls")  # read back from results.json, not re-run
+    assert again["run"] == first["run"] and again["schema"] == "locality.results/1"
+    forced = train("model=tiny_pythia", "objective=cls", "force=true")
+    assert forced["timings"]["pre_capture_cached"] is True
+
+
+def test_sweep_continues_past_a_failed_run_then_analyze(tmp_path):
+    proc = cli("-m", "model=tiny_gpt2,tiny_bert", "objective=clm", "control=standard,equal_step", *FAST,
+               "logger=csv", cwd=tmp_path)
+    assert proc.returncode != 0  # tiny_bert + clm is refused, the sweep reports it at the end
+    sweep = tmp_path / "outputs" / "sweeps" / "manual"
+    done = sorted(p.parent.name.rsplit("-", 1)[0] for p in sweep.rglob("results.json"))  # minus the hash
+    assert done == ["tiny_gpt2-clm-equal_step-s0", "tiny_gpt2-clm-standard-s0"]
+    assert not list(sweep.glob("tiny_bert*/results.json"))
+    proc = cli(str(sweep), "--metric", "cosine", cwd=tmp_path, module="locality.analyze")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = sweep / "analysis"
+    assert {"runs.csv", "layers.csv", "summary.md", "profiles_cosine.png", "slopes_cosine.png"} <= {
+        p.name for p in out.iterdir()}
+    import pandas as pd
+
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs.control) == ["equal_step", "standard"] and runs.cosine_slope.notna().all()
+    assert "| decoder | tiny_gpt2 | clm |" in (out / "summary.md").read_text()
