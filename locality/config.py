@@ -65,7 +65,7 @@ class DataConf:
 
 @dataclass
 class OptimConf:
-    lr: float = 5e-5
+    lr: float = 1e-4
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -75,7 +75,7 @@ class OptimConf:
 
 @dataclass
 class TrainerConf:
-    max_steps: int = 200
+    max_steps: int = 100
     max_epochs: int = -1
     accelerator: str = "auto"
     devices: Any = 1

@@ -40,6 +40,12 @@ class RunDir:
         last = self.checkpoints / "last.ckpt"
         return str(last) if last.is_file() else None
 
+    def start_over(self) -> None:
+        """Forget a previous attempt (force=true): its results and checkpoints must not be resumed."""
+        self.results_path.unlink(missing_ok=True)
+        for checkpoint in self.checkpoints.glob("*.ckpt"):
+            checkpoint.unlink()
+
     def save_config(self, cfg: DictConfig) -> None:
         OmegaConf.save(cfg, self.path / "config.yaml", resolve=True)
 

@@ -56,6 +56,8 @@ def run(cfg: DictConfig) -> dict:
     if run_dir.complete and not cfg.force:
         print(f"{run_dir.path} is complete (results.json exists); skipping. Use force=true to re-run.")
         return run_dir.read_results()
+    if cfg.force:
+        run_dir.start_over()
     run_dir.save_config(cfg)
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -97,8 +97,9 @@ def test_complete_run_is_skipped_and_the_pre_capture_is_cached(train):
     assert first["timings"]["pre_capture_cached"] is False
     again = train("model=tiny_pythia", "objective=cls")  # read back from results.json, not re-run
     assert again["run"] == first["run"] and again["schema"] == "locality.results/1"
-    forced = train("model=tiny_pythia", "objective=cls", "force=true")
-    assert forced["timings"]["pre_capture_cached"] is True
+    forced = train("model=tiny_pythia", "objective=cls", "force=true")  # trains again, from scratch
+    assert forced["timings"]["pre_capture_cached"] is True and forced["run"]["wall_s"] != first["run"]["wall_s"]
+    assert forced["change"] == first["change"]  # same seed, same data: the same run
 
 
 def test_sweep_continues_past_a_failed_run_then_analyze(tmp_path):

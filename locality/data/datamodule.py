@@ -26,7 +26,9 @@ class LocalityDataModule(L.LightningDataModule):
         self.num_workers = num_workers
 
     def _loader(self, examples: list[dict], batch_size: int, shuffle: bool, collate=None) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        # Every loader has its own generator: iterating a loader without one draws from the global RNG,
+        # so whether the probe capture came from the cache would change the dropout masks of training.
+        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, generator=generator,
                           collate_fn=collate or self.collate, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)

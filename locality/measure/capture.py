@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -128,6 +129,6 @@ def load_cached(path: Path) -> list[torch.Tensor] | None:
 
 def save_cached(path: Path, features: list[torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{torch.randint(0, 1 << 30, ()).item()}.tmp")
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")  # never the global RNG: training's dropout uses it
     torch.save(features, tmp)
     tmp.replace(path)
