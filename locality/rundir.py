@@ -54,7 +54,9 @@ class RunDir:
 
     def write_results(self, results: dict[str, Any]) -> None:
         """Write results.json atomically: its presence alone means the run completed."""
-        write_json_atomic(self.results_path, {"schema": SCHEMA, **results})
+        if results.get("schema") != SCHEMA:
+            raise ValueError(f"results must carry schema {SCHEMA!r}")
+        write_json_atomic(self.results_path, results)
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

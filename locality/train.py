@@ -29,7 +29,7 @@ from locality.measure.report import format_profile, log_profile
 from locality.module import LocalityModule
 from locality.objectives import objective_class
 from locality.paths import conf_dir
-from locality.rundir import RunDir
+from locality.rundir import SCHEMA, RunDir
 from locality.trainer import build_logger, build_trainer, finish_wandb
 
 register_resolvers()
@@ -84,11 +84,11 @@ def run(cfg: DictConfig) -> dict:
     final = trainer.validate(module, datamodule=data, verbose=False)[0]
 
     results = {
+        "schema": SCHEMA,
         "run": {"name": cfg.run_name, "model": cfg.model.name, "family": backbone.family,
                 "block_type": backbone.block_type, "objective": objective_cls.name,
                 "control": control_name(cfg.control), "seed": cfg.seed, "n_params": backbone.n_params,
-                "n_layers": backbone.n_layers, "steps": trainer.global_step,
-                "wall_s": time.perf_counter() - started},
+                "n_layers": backbone.n_layers, "steps": trainer.global_step},
         **profiler.after_training(module),
         "init": profiler.init,
         "final": {key.removeprefix("val/"): float(value) for key, value in final.items()},

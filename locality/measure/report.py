@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 TABLE_METRICS = ("cosine", "cka_linear", "cka_debiased", "procrustes", "weight_rel")
@@ -60,14 +62,21 @@ def log_profile(loggers: list[Logger], results: dict, step: int) -> None:
     for logger in loggers:
         logger.log_metrics(scalars, step=step)
         if isinstance(logger, WandbLogger):
-            import wandb
+            try:
+                _log_wandb_profile(logger, results)
+            except Exception as err:  # never let W&B cost a finished run its results.json
+                warnings.warn(f"could not log the profile table to W&B: {err}", stacklevel=2)
 
-            rows = [[layer, results["depth"][layer], metric, values[layer]]
-                    for metric, values in results["change"].items()
-                    for layer in range(len(values)) if values[layer] is not None]
-            table = wandb.Table(columns=["layer", "depth", "metric", "change"], data=rows)
-            logger.experiment.log({
-                "profile/table": table,
-                "profile/plot": wandb.plot.line(table, "depth", "change", stroke="metric",
-                                                title="Depth profile of representational change"),
-            })
+
+def _log_wandb_profile(logger: WandbLogger, results: dict) -> None:
+    import wandb
+
+    rows = [[layer, results["depth"][layer], metric, values[layer]]
+            for metric, values in results["change"].items()
+            for layer in range(len(values)) if values[layer] is not None]
+    table = wandb.Table(columns=["layer", "depth", "metric", "change"], data=rows)
+    logger.experiment.log({
+        "profile/table": table,
+        "profile/plot": wandb.plot.line(table, "depth", "change", stroke="metric",
+                                        title="Depth profile of representational change"),
+    })
