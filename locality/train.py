@@ -16,8 +16,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from locality.backbones import ModelSpec, load_backbone, peek_family
-from locality.config import control_name, register_resolvers, to_plain, validate
+from locality.backbones import load_backbone, peek_family
+from locality.config import ModelConf, control_name, register_resolvers, to_plain, validate
 from locality.controls import Control, UpdateRatioMonitor
 from locality.data.datamodule import LocalityDataModule
 from locality.data.sources import load_splits
@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    spec = ModelSpec(**cfg.model)
+    spec = ModelConf(**cfg.model)
     objective_cls = objective_class(cfg.objective.name, family=peek_family(spec))
     backbone = load_backbone(spec, objective_cls.head_kind, require=objective_cls.check_family)
     splits = load_splits(cfg.data, n_probe=cfg.measure.n_probe)

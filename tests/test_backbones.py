@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from locality.backbones import ModelSpec, find_blocks, load_backbone, resolve_source
-from locality.config import load_option
+from locality.backbones import find_blocks, load_backbone, resolve_source
+from locality.config import ModelConf, load_option
 from locality.errors import UserError
 
 EXPECTED = {  # preset: (family, block_type, n_layers, blocks_path)
@@ -21,8 +21,8 @@ EXPECTED = {  # preset: (family, block_type, n_layers, blocks_path)
 }
 
 
-def spec(preset: str, **changes) -> ModelSpec:
-    return ModelSpec(**{**load_option("model", preset), **changes})
+def spec(preset: str, **changes) -> ModelConf:
+    return ModelConf(**{**load_option("model", preset), **changes})
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))
@@ -53,7 +53,7 @@ def test_local_directory_loads_via_hf_preset(tmp_path):
     original = load_backbone(spec("tiny_pythia"), head="causal_lm")
     original.model.save_pretrained(tmp_path)
     original.tokenizer.save_pretrained(tmp_path)
-    loaded = load_backbone(ModelSpec(name="hf", name_or_path=str(tmp_path)), head="causal_lm")
+    loaded = load_backbone(ModelConf(name="hf", name_or_path=str(tmp_path)), head="causal_lm")
     assert loaded.pretrained and loaded.block_type == "parallel" and loaded.n_layers == 4
     for (name, a), (_, b) in zip(original.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from locality.backbones import ModelSpec, load_backbone
-from locality.config import ObjectiveConf, OptimConf, load_option
+from locality.backbones import load_backbone
+from locality.config import ModelConf, ObjectiveConf, OptimConf, load_option
 from locality.controls.llrd import LayerwiseLRDecay
 from locality.data.sources import load_builtin
 from locality.module import LocalityModule
@@ -88,7 +88,7 @@ def test_controls_compose(train):
 
 
 def test_llrd_scales_learning_rates_by_depth():
-    backbone = load_backbone(ModelSpec(**load_option("model", "tiny_gpt2")))
+    backbone = load_backbone(ModelConf(**load_option("model", "tiny_gpt2")))
     splits = load_builtin("stdlib_docs", 16, 16)
     objective = objective_class("cls")(backbone, splits, OmegaConf.structured(ObjectiveConf()))
     optim = OmegaConf.structured(OptimConf(lr=1.0))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from locality.backbones import ModelSpec, load_backbone
-from locality.config import load_option
+from locality.backbones import load_backbone
+from locality.config import ModelConf, load_option
 from locality.measure.capture import block_hooks, capture
 from locality.measure.drop_top import without_top_blocks
 
@@ -28,7 +28,7 @@ def test_results_follow_the_schema(train):
 
 
 def test_capture_layer_zero_is_the_embedding_output_and_last_is_the_last_block():
-    backbone = load_backbone(ModelSpec(**load_option("model", "tiny_gpt2")))
+    backbone = load_backbone(ModelConf(**load_option("model", "tiny_gpt2")))
     batch = backbone.tokenizer(["one short text", "and a second, longer text here"], padding=True,
                                return_tensors="pt")
     feats = capture(backbone.base, backbone.blocks, [batch], pooling="first")
@@ -44,7 +44,7 @@ def test_capture_layer_zero_is_the_embedding_output_and_last_is_the_last_block()
 
 
 def test_hooks_are_removed_even_when_the_forward_raises():
-    backbone = load_backbone(ModelSpec(**load_option("model", "tiny_gpt2")))
+    backbone = load_backbone(ModelConf(**load_option("model", "tiny_gpt2")))
     sink = [None] * 5
     with pytest.raises(RuntimeError, match="boom"), block_hooks(backbone.blocks, sink):
         raise RuntimeError("boom")
@@ -71,7 +71,7 @@ def test_drop_top_k_evaluates_every_k_and_restores_the_model(train):
     r = train("model=tiny_gpt2", "objective=cls", "measure.drop_top_k=2")
     assert [row["k"] for row in r["drop_top_k"]] == [0, 1, 2]
     assert r["drop_top_k"][0]["loss"] == pytest.approx(r["final"]["loss"])
-    backbone = load_backbone(ModelSpec(**load_option("model", "tiny_gpt2")))
+    backbone = load_backbone(ModelConf(**load_option("model", "tiny_gpt2")))
     with without_top_blocks(backbone, 3):
         assert len(backbone.base.h) == 1
     assert len(backbone.base.h) == 4 and backbone.base.h is backbone.blocks
@@ -98,7 +98,7 @@ def test_hub_dataset_format_from_local_files_through_the_cli(train, tmp_path):
 
 def test_saved_model_loads_through_model_hf(train, tmp_path):
     torch.manual_seed(0)
-    saved = load_backbone(ModelSpec(**load_option("model", "tiny_codegen")), head="causal_lm")
+    saved = load_backbone(ModelConf(**load_option("model", "tiny_codegen")), head="causal_lm")
     saved.model.save_pretrained(tmp_path / "ckpt")
     saved.tokenizer.save_pretrained(tmp_path / "ckpt")
     r = train("model=hf", f"model.name_or_path={tmp_path}/ckpt", "objective=clm")
