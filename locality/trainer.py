@@ -16,11 +16,15 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from locality.rundir import RunDir
 
 
+def _csv_logger(run: RunDir) -> CSVLogger:
+    return CSVLogger(save_dir=run.path, name="csv", version="")
+
+
 def build_logger(cfg, run: RunDir, run_name: str, config: dict) -> Logger | bool:
     if cfg.kind == "none":
         return False
     if cfg.kind == "csv":
-        return CSVLogger(save_dir=run.path, name="csv", version="")
+        return _csv_logger(run)
     if cfg.kind != "wandb":
         raise ValueError(f"logger.kind must be wandb, csv or none, not {cfg.kind!r}")
     try:
@@ -32,7 +36,7 @@ def build_logger(cfg, run: RunDir, run_name: str, config: dict) -> Logger | bool
                            config=config, job_type="train")
     except Exception as err:  # never let W&B kill a run
         warnings.warn(f"W&B logger unavailable ({err}); logging to CSV instead.", stacklevel=2)
-        return CSVLogger(save_dir=run.path, name="csv", version="")
+        return _csv_logger(run)
 
 
 def build_trainer(cfg, run: RunDir, callbacks: list[Callback], logger: Logger | bool) -> L.Trainer:

@@ -34,6 +34,6 @@ class L2SP(Control):
         self.anchors = [a.to(p.device, p.dtype) for a, p in zip(self.anchors, self.params, strict=True)]
 
     def penalty(self, module) -> torch.Tensor:
-        deltas = torch._foreach_sub([p for p in self.params], self.anchors)
+        deltas = torch._foreach_sub(self.params, self.anchors)
         squared = torch.stack(torch._foreach_norm(deltas)).pow(2).sum()
         return 0.5 * self.strength * squared

@@ -11,13 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from locality.controls.base import Control
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = nn.Linear
 
 
 class LoRA(Control):

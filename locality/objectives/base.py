@@ -70,6 +70,18 @@ class Objective(nn.Module):
                               return_tensors="pt", **kwargs)
 
 
+class LanguageModeling(Objective):
+    """An objective that reuses the checkpoint's own LM head: its classes are the vocabulary."""
+
+    def __init__(self, backbone: Backbone, splits: Splits, cfg):
+        super().__init__(backbone, splits, cfg)
+        self.vocab_size = backbone.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.vocab_size
+
+
 def no_cache(model: nn.Module) -> dict:
     """Training never needs the generation cache; RWKV even updates its state in place with it (which
     breaks backward in eval mode), so models that have one are told not to use it."""

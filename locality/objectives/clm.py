@@ -5,29 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from locality.backbones import Backbone
-from locality.data.sources import Splits
 from locality.errors import UserError
-from locality.objectives.base import IGNORE, Objective, StepOutput, no_cache
+from locality.objectives.base import IGNORE, LanguageModeling, StepOutput, no_cache
 
 
-class CausalLM(Objective):
+class CausalLM(LanguageModeling):
     name = "clm"
     head_kind = "causal_lm"
-
-    def __init__(self, backbone: Backbone, splits: Splits, cfg):
-        super().__init__(backbone, splits, cfg)
-        self.vocab_size = backbone.model.get_output_embeddings().weight.shape[0]
 
     @classmethod
     def check_family(cls, family: str, config) -> None:
         if family == "encoder":
             raise UserError(f"objective=clm needs a causal model, but this {config.model_type} model is a "
                             "bidirectional encoder. Use objective=mlm, cls or tok with encoders.")
-
-    @property
-    def num_classes(self) -> int:
-        return self.vocab_size
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.tokenize([e["text"] for e in examples])

@@ -9,16 +9,15 @@ from transformers import DataCollatorForLanguageModeling
 from locality.backbones import Backbone
 from locality.data.sources import Splits
 from locality.errors import UserError
-from locality.objectives.base import Objective, StepOutput
+from locality.objectives.base import LanguageModeling, StepOutput
 
 
-class MaskedLM(Objective):
+class MaskedLM(LanguageModeling):
     name = "mlm"
     head_kind = "masked_lm"
 
     def __init__(self, backbone: Backbone, splits: Splits, cfg):
         super().__init__(backbone, splits, cfg)
-        self.vocab_size = backbone.model.get_output_embeddings().weight.shape[0]
         self.masker = DataCollatorForLanguageModeling(self.tokenizer, mlm=True, mlm_probability=cfg.mask_prob)
 
     @classmethod
@@ -31,10 +30,6 @@ class MaskedLM(Objective):
     def check(cls, backbone: Backbone, splits: Splits) -> None:
         if backbone.tokenizer.mask_token is None:
             raise UserError(f"objective=mlm needs a mask token, but the tokenizer of '{backbone.name}' has none.")
-
-    @property
-    def num_classes(self) -> int:
-        return self.vocab_size
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.tokenize([e["text"] for e in examples], return_special_tokens_mask=True)
