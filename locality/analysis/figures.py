@@ -1,10 +1,38 @@
-"""Figures from the aggregated tables: depth profiles per model and the slope of every run."""
+"""Figures a researcher reads without the code: labelled axes with units, legends, readable at 240 runs.
+
+- `profile_figure`: change vs depth, one panel per setting (model, objective, everything but the control),
+  standard vs equal-step as distinct lines with a band over seeds (min to max).
+- `slope_forest`: every run's slope with its CI, one row per configuration (its seeds side by side).
+- `steepness_scatter`: steepness vs the training-free objective distance, with Spearman's rho.
+- `dynamics_figure`: the slope vs training step, for runs that recorded dynamics.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+METRIC_LABELS = {
+    "cosine_tokens": "cosine distance, per token (1 − cos)",
+    "cosine": "cosine distance, mean-pooled (1 − cos)",
+    "cka_linear": "1 − linear CKA",
+    "cka_debiased": "1 − debiased linear CKA",
+    "procrustes": "Procrustes distance",
+    "euclidean": "relative Euclidean distance",
+    "weight_rel": "relative weight change ‖ΔW‖/‖W‖",
+}
+CONTROL_STYLE = {"standard": {"color": "C0", "ls": "-", "marker": "o"},
+                 "equal_step": {"color": "C3", "ls": "--", "marker": "s"}}
+
+
+def label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric)
+
+
+def _style(control: str, index: int) -> dict:
+    return CONTROL_STYLE.get(control, {"color": f"C{index + 4}", "ls": ":", "marker": "^"})
 
 
 def _pyplot():
@@ -16,52 +44,123 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
 def profile_figure(layers: pd.DataFrame, metric: str, out: Path) -> Path:
-    """One panel per (model, objective): change vs depth, one line per control (mean over seeds)."""
     plt = _pyplot()
     data = layers[(layers.metric == metric) & layers.value.notna()]
-    panels = sorted(data.groupby(["model", "objective"]).groups)
-    cols = min(4, max(1, len(panels)))
+    panels = sorted(data.groupby(["family", "model", "objective", "setting_hash"]).groups)
+    cols = min(6, max(1, len(panels)))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False, sharex=True)
-    for ax, (model, objective) in zip(axes.flat, panels, strict=False):
-        cell = data[(data.model == model) & (data.objective == objective)]
-        for control, lines in cell.groupby("control"):
-            mean = lines.groupby("depth").value.agg(["mean", "std"]).reset_index()
-            ax.plot(mean.depth, mean["mean"], marker="o", ms=3, label=control)
-            if lines.seed.nunique() > 1:
-                ax.fill_between(mean.depth, mean["mean"] - mean["std"], mean["mean"] + mean["std"], alpha=0.2)
-        ax.set_title(f"{model} / {objective}", fontsize=9)
-        ax.set_xlabel("depth l/L")
-        ax.set_ylabel(metric)
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 2.6 * rows + 0.6), squeeze=False, sharex=True,
+                             layout="constrained")
+    controls = sorted(data.control.unique(), key=lambda c: (c != "standard", c))
+    for ax, (family, model, objective, setting) in zip(axes.flat, panels, strict=False):
+        cell = data[(data.model == model) & (data.objective == objective) & (data.setting_hash == setting)]
+        for i, control in enumerate(controls):
+            lines = cell[cell.control == control]
+            if lines.empty:
+                continue
+            by_depth = lines.groupby("depth").value.agg(["mean", "min", "max"]).reset_index()
+            seeds = lines.seed.nunique()
+            style = _style(control, i)
+            ax.plot(by_depth.depth, by_depth["mean"], ms=3, lw=1.3, label=f"{control} (n={seeds})", **style)
+            if seeds > 1:
+                ax.fill_between(by_depth.depth, by_depth["min"], by_depth["max"], color=style["color"], alpha=0.18)
+        ax.set_title(f"{model} · {objective}\n{family}, setting {setting}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.25)
+        ax.legend(fontsize=6, loc="upper left")
+    for ax in axes[-1]:
+        ax.set_xlabel("depth l/L (0 = embeddings)", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(label(metric), fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.tight_layout()
-    path = out / f"profiles_{metric}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    fig.suptitle(f"Depth profile of change ({label(metric)}): mean over seeds, band = min–max", fontsize=10)
+    return _save(fig, out / "figures" / f"profiles_{metric}.png")
 
 
-def slope_figure(runs: pd.DataFrame, metric: str, out: Path) -> Path:
-    """Every run's slope with its bootstrap CI, grouped by model and coloured by control."""
+def slope_forest(runs: pd.DataFrame, metric: str, out: Path, ci: float | None = None) -> Path:
     plt = _pyplot()
-    data = runs.dropna(subset=[f"{metric}_slope"]).sort_values(["family", "model", "objective", "control", "seed"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(data)), 3.6))
-    colours = {c: f"C{i}" for i, c in enumerate(sorted(data.control.unique()))}
-    for x, (_, row) in enumerate(data.iterrows()):
-        lo, hi = row[f"{metric}_slope_lo"], row[f"{metric}_slope_hi"]
-        err = None if pd.isna(lo) else [[row[f"{metric}_slope"] - lo], [hi - row[f"{metric}_slope"]]]
-        ax.errorbar(x, row[f"{metric}_slope"], yerr=err, fmt="o", ms=3, color=colours[row.control])
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(range(len(data)), [f"{r.model}/{r.objective}" for r in data.itertuples()], rotation=90, fontsize=6)
-    ax.set_ylabel(f"{metric} slope")
-    for control, colour in colours.items():
-        ax.plot([], [], "o", color=colour, label=control)
+    slope, lo, hi = f"{metric}_slope", f"{metric}_slope_lo", f"{metric}_slope_hi"
+    data = runs.dropna(subset=[slope]).assign(_equal=lambda d: d.control != "standard")
+    data = data.sort_values(["family", "model", "objective", "setting_hash", "_equal", "control", "seed"])
+    configs = list(dict.fromkeys(zip(data.family, data.model, data.objective, data.setting_hash, data.control,
+                                     strict=True)))
+    fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.24 * len(configs)))
+    controls = sorted(data.control.unique(), key=lambda c: (c != "standard", c))
+    for row, key in enumerate(configs):
+        family, model, objective, setting, control = key
+        cell = data[(data.model == model) & (data.objective == objective) & (data.setting_hash == setting)
+                    & (data.control == control)]
+        offsets = np.linspace(-0.3, 0.3, len(cell)) if len(cell) > 1 else [0.0]
+        style = _style(control, controls.index(control))
+        for offset, (_, run) in zip(offsets, cell.iterrows(), strict=True):
+            y = row + offset
+            if pd.notna(run.get(lo)) and pd.notna(run.get(hi)):
+                ax.plot([run[lo], run[hi]], [y, y], color=style["color"], lw=0.9, alpha=0.8)
+            ax.plot(run[slope], y, marker=style["marker"], color=style["color"], ms=3.5, ls="none")
+    ax.set_yticks(range(len(configs)), [f"{m} · {o} · {c} ({s})" for _, m, o, s, c in configs], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(0, color="grey", lw=0.8)
+    level = f"{ci:.0%} " if ci else ""
+    ax.set_xlabel(f"locality gradient: OLS slope of {label(metric)} vs depth l/L", fontsize=8)
+    ax.set_title(f"Slope per run ({level}CI as lines; one row per configuration, its seeds stacked)", fontsize=9)
+    for i, control in enumerate(controls):
+        ax.plot([], [], marker=_style(control, i)["marker"], color=_style(control, i)["color"], ls="none",
+                label=control)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(axis="x", alpha=0.25)
+    return _save(fig, out / "figures" / f"slopes_{metric}.png")
+
+
+def steepness_scatter(runs: pd.DataFrame, metric: str, out: Path, rho: dict | None = None) -> Path | None:
+    y = f"{metric}_steepness"
+    if "init_kl_norm" not in runs or y not in runs:
+        return None
+    data = runs.dropna(subset=["init_kl_norm", y])
+    if data.empty:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    markers = {"standard": "o", "equal_step": "s"}
+    for (family, control), group in data.groupby(["family", "control"]):
+        colour = f"C{sorted(data.family.unique()).index(family)}"
+        ax.scatter(group.init_kl_norm, group[y], s=22, marker=markers.get(control, "^"), color=colour,
+                   alpha=0.8, label=f"{family}, {control}")
+    ax.set_xlabel("training-free objective distance: KL(target ‖ pretrained) / ln K at step 0", fontsize=8)
+    ax.set_ylabel(f"steepness of {label(metric)}\n(e-folds of change per unit depth, blocks 1..L)", fontsize=8)
+    if rho and np.isfinite(rho.get("rho", np.nan)):
+        ax.set_title(f"Steepness vs objective distance: Spearman ρ = {rho['rho']:+.2f} "
+                     f"[{rho['rho_lo']:+.2f}, {rho['rho_hi']:+.2f}], n = {rho['n']}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / f"slopes_{metric}.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    ax.grid(alpha=0.25)
+    return _save(fig, out / "figures" / f"steepness_vs_distance_{metric}.png")
+
+
+def dynamics_figure(dynamics: pd.DataFrame, metric: str, out: Path) -> Path | None:
+    data = dynamics[dynamics.metric == metric] if not dynamics.empty else dynamics
+    if data.empty:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    controls = sorted(data.control.unique(), key=lambda c: (c != "standard", c))
+    for _, run in data.groupby("name"):
+        control = run.control.iloc[0]
+        style = _style(control, controls.index(control))
+        ax.plot(run.step, run.slope, color=style["color"], ls=style["ls"], lw=1, alpha=0.7)
+    for i, control in enumerate(controls):
+        ax.plot([], [], color=_style(control, i)["color"], ls=_style(control, i)["ls"], label=control)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("training step (optimizer updates)", fontsize=8)
+    ax.set_ylabel(f"slope of {label(metric)} vs depth", fontsize=8)
+    ax.set_title("Locality gradient during training (one line per run)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.25)
+    return _save(fig, out / "figures" / f"dynamics_{metric}.png")

@@ -1,8 +1,12 @@
-"""A short markdown summary: does each (model, objective) profile survive the equal-step control?"""
+"""summary.md: the paper's tables in markdown, the per-setting slopes, and what is missing or failed."""
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
+
+from locality.analysis.aggregate import Inventory
 
 
 def _fmt_slope(group: pd.DataFrame, metric: str) -> str:
@@ -29,14 +33,70 @@ def survives(group: pd.DataFrame, metric: str) -> str:
     return "yes" if same_sign and excludes_zero else "no"
 
 
-def summary_markdown(runs: pd.DataFrame, metric: str) -> str:
-    lines = [f"# locality summary ({len(runs)} runs, metric `{metric}`)", "",
-             f"Slope of `{metric}` change vs normalized depth (positive: change concentrates near the output), "
-             "with the 95% bootstrap CI for single runs and mean ± sd over seeds otherwise.", ""]
-    controls = sorted(runs.control.unique())
-    lines.append("| family | model | objective | " + " | ".join(controls) + " | survives equal-step |")
-    lines.append("|" + "---|" * (len(controls) + 4))
-    for (family, model, objective), group in runs.groupby(["family", "model", "objective"]):
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    if frame.empty:
+        return "_(no runs to tabulate)_"
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "-" if math.isnan(value) else f"{value:.{digits}f}"
+        return str(value) if value is not None and value != "" else "-"
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def settings_table(runs: pd.DataFrame, metric: str) -> str:
+    controls = sorted(runs.control.unique(), key=lambda c: (c != "standard", c))
+    lines = ["| family | model | objective | setting | " + " | ".join(controls) + " | survives equal-step |",
+             "|" + "---|" * (len(controls) + 5)]
+    # one row per setting: runs with other data or hyperparameters are never averaged together
+    for (family, model, objective, setting), group in runs.groupby(["family", "model", "objective", "setting_hash"]):
         cells = [_fmt_slope(group[group.control == c], metric) for c in controls]
-        lines.append(f"| {family} | {model} | {objective} | " + " | ".join(cells) + f" | {survives(group, metric)} |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {family} | {model} | {objective} | {setting} | " + " | ".join(cells)
+                     + f" | {survives(group, metric)} |")
+    return "\n".join(lines)
+
+
+def inventory_section(found: Inventory, missing: list[str] | None) -> list[str]:
+    lines = []
+    if missing:
+        lines += [f"**{len(missing)} planned runs have no results yet** (from `locality.plan`):", ""]
+        lines += [f"- {name}" for name in missing] + [""]
+    if found.failed:
+        lines += [f"**{len(found.failed)} failed runs** (failed.json):", "", "| run | step | reason |",
+                  "|---|---|---|"]
+        lines += [f"| {f['run']} | {f['step'] if f['step'] is not None else '-'} | {f['reason']} |"
+                  for f in found.failed] + [""]
+    if found.incomplete:
+        lines += [f"**{len(found.incomplete)} incomplete runs** (config.yaml but no results.json: still running, "
+                  "or killed):", ""]
+        lines += [f"- {name}" for name in found.incomplete] + [""]
+    if found.unreadable:
+        lines += [f"**{len(found.unreadable)} results files could not be read** (skipped):", ""]
+        lines += [f"- {u['path']}: {u['reason']}" for u in found.unreadable] + [""]
+    return lines
+
+
+def summary_markdown(runs: pd.DataFrame, metric: str, tables: dict[str, pd.DataFrame] | None = None,
+                     found: Inventory | None = None, missing: list[str] | None = None) -> str:
+    tables = tables or {}
+    lines = [f"# locality summary ({len(runs)} runs, metric `{metric}`)", ""]
+    lines += inventory_section(found, missing) if found is not None else []
+    titles = {
+        "headline": "Headline: standard runs with a positive locality gradient, per metric",
+        "equal_step_survival": f"Equal-step survival ({metric}): positive slope with its CI above zero",
+        "steepness_vs_distance": "Steepness vs training-free objective distance (Spearman ρ, bootstrap CI over runs)",
+        "width_variance": f"Variance in width ({metric} width_count) explained by architecture vs objective",
+        "step0_prediction": "Does the step-0 profile predict the trained one? (Spearman ρ across runs)",
+    }
+    for key, title in titles.items():
+        if key in tables:
+            lines += [f"## {title}", "", markdown_table(tables[key]), ""]
+    lines += ["## Slope per setting", "",
+              f"Slope of `{metric}` change vs normalized depth (positive: change concentrates near the output), "
+              "with the bootstrap CI for single runs and mean ± sd over seeds otherwise. A setting is everything "
+              "but the control and the seed (its hash); different settings are never pooled.", "",
+              settings_table(runs, metric), ""]
+    return "\n".join(lines)

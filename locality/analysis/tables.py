@@ -1,0 +1,150 @@
+"""The paper's tables from the runs table: one function per table, each returning a pandas DataFrame.
+
+- `headline`: per metric, how many standard runs have a positive locality gradient (slope), how many with a
+  CI above zero, and which runs are the exceptions. First row: the default metric.
+- `equal_step_survival`: by block type x objective class (causal LM vs other) x scale band, how many
+  equal-step runs keep a positive slope with its CI above zero.
+- `steepness_vs_distance`: Spearman rho between steepness and the training-free objective distance
+  (`init.kl_norm`), with a bootstrap CI over runs.
+- `width_variance`: the share of variance in width explained by architecture vs objective (two-way ANOVA,
+  eta squared, statsmodels).
+- `step0_prediction`: does the profile at step 0 predict the trained one? Spearman rho across runs between
+  the trained slope and the step-0 gradient profile's slope (and the first steps' update-ratio slope where
+  recorded), with bootstrap CIs, per control.
+
+Statistics come from scipy and statsmodels; rank correlations get a percentile bootstrap over runs (seeded).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+N_BOOT = 2000
+SEED = 0
+
+
+def _slope_cols(metric: str) -> tuple[str, str, str]:
+    return f"{metric}_slope", f"{metric}_slope_lo", f"{metric}_slope_hi"
+
+
+def headline(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Standard runs only: `metric, n_runs, n_positive, fraction_positive, n_ci_above_zero, exceptions`."""
+    standard = runs[runs.control == "standard"]
+    rows = []
+    for metric in metrics:
+        slope, lo, _ = _slope_cols(metric)
+        if slope not in standard:
+            continue
+        have = standard.dropna(subset=[slope])
+        positive = have[slope] > 0
+        rows.append({
+            "metric": metric, "n_runs": len(have), "n_positive": int(positive.sum()),
+            "fraction_positive": float(positive.mean()) if len(have) else math.nan,
+            "n_ci_above_zero": int((have[lo] > 0).sum()) if lo in have else 0,
+            "exceptions": ";".join(sorted(have.loc[~positive, "name"])),
+        })
+    return pd.DataFrame(rows, columns=["metric", "n_runs", "n_positive", "fraction_positive",
+                                       "n_ci_above_zero", "exceptions"])
+
+
+def objective_class(objective: str) -> str:
+    return "causal LM" if objective == "clm" else "other"
+
+
+def equal_step_survival(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Equal-step runs by block_type x objective class x scale band: positive slopes, CI above zero."""
+    slope, lo, _ = _slope_cols(metric)
+    equal = runs[runs.control == "equal_step"].dropna(subset=[slope]).copy()
+    columns = ["block_type", "objective_class", "scale_band", "n_runs", "n_positive", "n_survive",
+               "fraction_survive"]
+    if equal.empty:
+        return pd.DataFrame(columns=columns)
+    equal["objective_class"] = equal.objective.map(objective_class)
+    equal["survive"] = (equal[slope] > 0) & (equal[lo] > 0)
+    table = equal.groupby(["block_type", "objective_class", "scale_band"], dropna=False).agg(
+        n_runs=(slope, "size"), n_positive=(slope, lambda s: int((s > 0).sum())), n_survive=("survive", "sum"))
+    table["fraction_survive"] = table.n_survive / table.n_runs
+    return table.reset_index()[columns]
+
+
+def spearman_with_ci(x: pd.Series, y: pd.Series, ci: float = 0.95, n_boot: int = N_BOOT,
+                     seed: int = SEED) -> dict:
+    """Spearman rho, its p-value, and a percentile bootstrap CI over (x, y) pairs."""
+    pairs = pd.DataFrame({"x": x, "y": y}).replace([np.inf, -np.inf], np.nan).dropna()
+    n = len(pairs)
+    out = {"n": n, "rho": math.nan, "p_value": math.nan, "rho_lo": math.nan, "rho_hi": math.nan}
+    if n < 3 or pairs.x.nunique() < 2 or pairs.y.nunique() < 2:
+        return out
+    result = stats.spearmanr(pairs.x, pairs.y)
+    out["rho"], out["p_value"] = float(result.statistic), float(result.pvalue)
+    rng = np.random.default_rng(seed)
+    xs, ys = pairs.x.to_numpy(), pairs.y.to_numpy()
+    draws = rng.integers(0, n, size=(n_boot, n))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant resamples give NaN, dropped below
+        rhos = np.array([stats.spearmanr(xs[d], ys[d]).statistic for d in draws], dtype=float)
+    rhos = rhos[np.isfinite(rhos)]
+    if rhos.size:
+        out["rho_lo"], out["rho_hi"] = (float(q) for q in np.quantile(rhos, [(1 - ci) / 2, (1 + ci) / 2]))
+    return out
+
+
+def steepness_vs_distance(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.DataFrame:
+    """Spearman rho between the profile's steepness and init.kl_norm, per control and over all runs."""
+    rows = []
+    for control, group in [("all", runs), *runs.groupby("control")]:
+        if f"{metric}_steepness" not in group or "init_kl_norm" not in group:
+            continue
+        rows.append({"metric": metric, "control": control, "x": "init_kl_norm", "y": f"{metric}_steepness",
+                     **spearman_with_ci(group["init_kl_norm"], group[f"{metric}_steepness"], ci=ci)})
+    return pd.DataFrame(rows, columns=["metric", "control", "x", "y", "n", "rho", "p_value", "rho_lo", "rho_hi"])
+
+
+def width_variance(runs: pd.DataFrame, metric: str, width: str = "width_count") -> pd.DataFrame:
+    """Two-way ANOVA of width on architecture (model) and objective, standard runs: eta^2 per factor."""
+    import statsmodels.formula.api as smf
+    from statsmodels.stats.anova import anova_lm
+
+    column = f"{metric}_{width}"
+    columns = ["metric", "width", "factor", "sum_sq", "df", "F", "p_value", "eta_sq", "n_runs"]
+    data = runs[runs.control == "standard"].dropna(subset=[column]) if column in runs else runs.iloc[:0]
+    data = data.rename(columns={column: "w"})
+    factors = [f for f in ("model", "objective") if f in data and data[f].nunique() > 1]
+    if len(data) < 4 or not factors or data.w.nunique() < 2:
+        return pd.DataFrame(columns=columns)
+    fit = smf.ols("w ~ " + " + ".join(f"C({f})" for f in factors), data=data).fit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = anova_lm(fit, typ=2)
+    total = float(((data.w - data.w.mean()) ** 2).sum())
+    rows = []
+    for term, row in table.iterrows():
+        factor = {"C(model)": "architecture (model)", "C(objective)": "objective"}.get(term, term.lower())
+        rows.append({"metric": metric, "width": width, "factor": factor, "sum_sq": float(row.sum_sq),
+                     "df": float(row.df), "F": float(row.F) if pd.notna(row.F) else math.nan,
+                     "p_value": float(row["PR(>F)"]) if pd.notna(row["PR(>F)"]) else math.nan,
+                     "eta_sq": float(row.sum_sq) / total if total > 0 else math.nan, "n_runs": len(data)})
+    return pd.DataFrame(rows, columns=columns)
+
+
+STEP0_PREDICTORS = {"init_grad_rel_slope": "step-0 gradient profile slope (grad_rel)",
+                    "init_update_rel_slope": "first steps' update-ratio slope (update_rel)"}
+
+
+def step0_prediction(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.DataFrame:
+    """Per control: Spearman rho between the trained slope and each step-0 profile slope that was recorded."""
+    rows = []
+    slope = f"{metric}_slope"
+    for control, group in runs.groupby("control"):
+        for predictor, label in STEP0_PREDICTORS.items():
+            if predictor not in group or group[predictor].isna().all() or slope not in group:
+                continue
+            rows.append({"metric": metric, "control": control, "predictor": label,
+                         **spearman_with_ci(group[predictor], group[slope], ci=ci)})
+    return pd.DataFrame(rows, columns=["metric", "control", "predictor", "n", "rho", "p_value", "rho_lo",
+                                       "rho_hi"])

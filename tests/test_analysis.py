@@ -1,0 +1,129 @@
+"""The analysis groups runs by their full identity: replicates are pooled, different settings never are."""
+
+from __future__ import annotations
+
+from locality.analysis.aggregate import layers_table, runs_table
+from locality.analysis.summary import summary_markdown
+
+
+def result(seed: int, control: str, setting: str, slope: float) -> dict:
+    config = f"{setting}{control[0]}"
+    return {
+        "schema": "locality.results/1", "_path": f"/runs/{config}-s{seed}",
+        "run": {"name": f"m-cls-{control}-s{seed}-{config}", "model": "m", "family": "decoder",
+                "block_type": "sequential", "objective": "cls", "control": control, "seed": seed,
+                "config_hash": config, "setting_hash": setting},
+        "depth": [0.0, 0.5, 1.0],
+        "change": {"cosine": [0.0, slope / 2, slope]},
+        "profile": {"cosine": {"slope": slope, "slope_ci": [slope - 0.1, slope + 0.1], "steepness": 1.0,
+                               "width": 0.5}},
+        "init": {"loss": 1.0}, "final": {"loss": 0.5},
+    }
+
+
+def test_settings_are_never_pooled_and_seeds_are():
+    results = [result(0, "standard", "aaaa", 1.0), result(1, "standard", "aaaa", 3.0),  # replicates
+               result(0, "standard", "bbbb", 10.0),  # same model/objective/control, another lr: not a seed
+               result(0, "equal_step", "aaaa", 0.5)]
+    runs = runs_table(results)
+    summary = summary_markdown(runs, "cosine")
+    row_a = next(line for line in summary.splitlines() if "| aaaa |" in line)
+    row_b = next(line for line in summary.splitlines() if "| bbbb |" in line)
+    assert "+2.000 ± 1.414 (n=2)" in row_a and "+0.500" in row_a  # the two seeds, beside equal-step
+    assert "+10.000" in row_b and "n=" not in row_b
+    assert set(layers_table(results).setting_hash) == {"aaaa", "bbbb"}
+
+
+def test_results_from_before_run_identities_are_their_own_setting():
+    old = result(0, "standard", "x", 1.0)
+    del old["run"]["config_hash"], old["run"]["setting_hash"]
+    runs = runs_table([old, result(1, "standard", "x", 2.0)])
+    assert runs.setting_hash.tolist() == [old["run"]["name"], "x"]
+
+
+def synthetic_study(n_models: int = 15, seeds: int = 4, seed: int = 0) -> list[dict]:
+    """A study with known structure: slope grows with the objective distance; equal-step halves it for
+    parallel blocks; width depends on the model, not the objective."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    families = ["encoder", "decoder", "decoder", "ssm", "rnn"]
+    out = []
+    for m in range(n_models):
+        family = families[m % len(families)]
+        block = "recurrent" if family in ("ssm", "rnn") else ("parallel" if m % 3 == 0 else "sequential")
+        n_layers = 6 + m % 7
+        depth = [i / n_layers for i in range(n_layers + 1)]
+        for objective in ("clm" if family != "encoder" else "mlm", "cls"):
+            kl_norm = 0.2 + 0.6 * (objective == "cls") + 0.1 * m / n_models
+            for control in ("standard", "equal_step"):
+                for s in range(seeds):
+                    slope = 0.8 * kl_norm * (0.5 if control == "equal_step" and block == "parallel" else 1.0)
+                    slope += rng.normal(0, 0.03)
+                    change = [max(0.0, slope * d * d + rng.normal(0, 0.002)) for d in depth]
+                    width_count = 2 + m % 4
+                    name = f"model{m:02d}-{objective}-{control}-s{s}-{m:02d}{objective}{control[0]}"
+                    out.append({
+                        "schema": "locality.results/1", "_path": f"/sweep/{name}",
+                        "run": {"name": name, "model": f"model{m:02d}", "family": family, "block_type": block,
+                                "objective": objective, "control": control, "seed": s,
+                                "n_params": 1e8 * (1 + m), "config_hash": f"{m:02d}{objective}{control[0]}",
+                                "setting_hash": f"{m:02d}{objective}"},
+                        "depth": depth, "change": {"cosine_tokens": change},
+                        "profile": {"cosine_tokens": {
+                            "slope": slope, "slope_ci": [slope - 0.05, slope + 0.05], "slope_per_layer": slope / n_layers,
+                            "steepness": 3 * kl_norm + rng.normal(0, 0.1), "width": 0.3,
+                            "width_count": width_count + int(rng.integers(0, 2))}},
+                        "init": {"loss": 2.0, "kl_norm": kl_norm, "grad_rel_slope": slope + rng.normal(0, 0.05),
+                                 "grad_rel": [0.01] * n_layers},
+                        "final": {"loss": 1.0},
+                        "dynamics": [{"step": k * 10, "slope": {"cosine_tokens": slope * k / 5}} for k in range(6)],
+                    })
+    return out
+
+
+def test_the_papers_tables_recover_a_known_structure():
+    from locality.analysis import tables
+
+    results = synthetic_study()
+    runs = runs_table(results)
+    head = tables.headline(runs, ["cosine_tokens"])
+    assert head.iloc[0].to_dict() | {"exceptions": ""} == {
+        "metric": "cosine_tokens", "n_runs": 120, "n_positive": 120, "fraction_positive": 1.0,
+        "n_ci_above_zero": 120, "exceptions": ""}
+    survival = tables.equal_step_survival(runs, "cosine_tokens")
+    assert survival.n_runs.sum() == 120 and set(survival.objective_class) == {"causal LM", "other"}
+    rho = tables.steepness_vs_distance(runs, "cosine_tokens").set_index("control")
+    assert rho.loc["all", "rho"] > 0.8 and rho.loc["all", "rho_lo"] > 0.6 and rho.loc["all", "n"] == 240
+    width = tables.width_variance(runs, "cosine_tokens").set_index("factor")
+    assert width.loc["architecture (model)", "eta_sq"] > 0.5 > width.loc["objective", "eta_sq"]
+    step0 = tables.step0_prediction(runs, "cosine_tokens")
+    assert set(step0.control) == {"standard", "equal_step"} and (step0.rho > 0.5).all()
+
+
+def test_analyze_writes_tables_and_figures_at_240_runs(tmp_path):
+    import json
+
+    from locality.analyze import main
+
+    for r in synthetic_study():
+        run_dir = tmp_path / "sweep" / r["run"]["name"]
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({k: v for k, v in r.items() if k != "_path"}))
+    (tmp_path / "sweep" / "broken-run").mkdir()
+    (tmp_path / "sweep" / "broken-run" / "results.json").write_text("{not json")
+    (tmp_path / "sweep" / "failed-run").mkdir()
+    (tmp_path / "sweep" / "failed-run" / "failed.json").write_text('{"reason": "non-finite loss", "step": 9}')
+    out = tmp_path / "analysis"
+    assert main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
+    assert {p.name for p in (out / "tables").iterdir()} == {
+        "headline.csv", "equal_step_survival.csv", "steepness_vs_distance.csv", "width_variance.csv",
+        "step0_prediction.csv"}
+    assert {p.name for p in (out / "figures").iterdir()} == {
+        "profiles_cosine_tokens.png", "slopes_cosine_tokens.png", "steepness_vs_distance_cosine_tokens.png",
+        "dynamics_cosine_tokens.png"}
+    summary = (out / "summary.md").read_text()
+    assert "broken-run" in summary and "| failed-run | 9 | non-finite loss |" in summary
+    import pandas as pd
+
+    assert pd.read_csv(out / "tables" / "headline.csv").metric.iloc[0] == "cosine_tokens"
