@@ -15,9 +15,11 @@ Weights come from one of three sources, in this order:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -69,6 +71,7 @@ class Backbone:
     block_type: BlockType
     pretrained: bool
     source: str
+    init_from: str = "random"  # hub:<id>@<revision> | local:<dir> | bundled:<package> | random
 
     @property
     def base(self) -> nn.Module:
@@ -87,15 +90,16 @@ class Backbone:
         return sum(p.numel() for p in self.model.parameters())
 
     def parts(self) -> dict[str, nn.ModuleList]:
-        """The non-block parts of the base model: embeddings and everything after the last block."""
-        block_ids = {id(m) for block in self.blocks for m in block.modules()}
-        embeddings, rest = nn.ModuleList(), nn.ModuleList()
-        for name, module in self.base.named_modules():
-            if id(module) in block_ids or not any(True for _ in module.parameters(recurse=False)):
-                continue
-            is_embedding = isinstance(module, nn.Embedding) or "emb" in name.split(".")[-1]
-            (embeddings if is_embedding else rest).append(module)
-        return {name: mods for name, mods in (("embeddings", embeddings), ("final_norm", rest)) if len(mods)}
+        """The non-block parts of the base model, by where its forward runs them (see `part_names`)."""
+        return {part: nn.ModuleList(self.base.get_submodule(name) for name in names)
+                for part, names in self.part_names.items()}
+
+    @functools.cached_property
+    def part_names(self) -> dict[str, list[str]]:
+        """Names (in `base`) of the parameter-owning modules outside the blocks, by part (see `classify_parts`).
+
+        Computed once, by one tiny forward pass; `load_backbone` computes it while the model is fresh."""
+        return classify_parts(self.base, self.blocks)
 
     def describe(self) -> str:
         return (f"{self.name}: {self.family} / {self.block_type}, {self.n_layers} blocks at "
@@ -145,6 +149,117 @@ def _module_lists(base: nn.Module) -> list[str]:
     return [name for name, m in base.named_modules() if isinstance(m, nn.ModuleList)]
 
 
+PART_ORDER = ("embeddings", "final_norm", "interleaved", "unused")
+
+
+def classify_parts(base: nn.Module, blocks: nn.ModuleList) -> dict[str, list[str]]:
+    """Sort the parameter-owning modules of `base` outside `blocks` by what its forward does with them.
+
+    One forward pass of two 4-token sequences (eval mode; parameters are not changed, no gradient is
+    stored) with hooks on those modules and on the first and last block, then a walk of the autograd
+    graph of the last hidden state (what every objective reads, `base(...)[0]`):
+
+    - `unused`: no parameter of the module reaches the last hidden state (BERT's pooler, whose output no
+      objective reads), or the module never runs;
+    - `embeddings`: first runs before block 0 (BERT's `embeddings.LayerNorm` too, whatever its name);
+    - `final_norm`: first runs after the last block (GPT-2's `ln_f`, OPT's `final_layer_norm`, ...);
+    - `interleaved`: runs between the first and the last block without being part of one (rare).
+
+    A used module whose parameters are read without calling it has no position; it is placed by the
+    name rule below, as is everything when the probe cannot run (an exotic forward), with a warning.
+    """
+    block_ids = {id(m) for block in blocks for m in block.modules()}
+    candidates = {name: module for name, module in base.named_modules()
+                  if id(module) not in block_ids and any(True for _ in module.parameters(recurse=False))}
+    try:
+        first_call, start, end, reached = _probe_forward(base, blocks, candidates)
+    except Exception as err:  # any failure of a foreign forward: fall back to names
+        warnings.warn(f"Could not run a probe forward of {type(base).__name__} ({type(err).__name__}: {err}); "
+                      "its non-block parts are classified by module names instead.", stacklevel=2)
+        return _sorted_parts({name: _part_by_name(name, module) for name, module in candidates.items()})
+    found = {}
+    for name, module in candidates.items():
+        if not any(id(p) in reached for p in module.parameters(recurse=False)):
+            found[name] = "unused"
+        elif name not in first_call:
+            found[name] = _part_by_name(name, module)
+        elif first_call[name] < start:
+            found[name] = "embeddings"
+        elif first_call[name] > end:
+            found[name] = "final_norm"
+        else:
+            found[name] = "interleaved"
+    return _sorted_parts(found)
+
+
+def _probe_forward(base: nn.Module, blocks: nn.ModuleList, candidates: dict[str, nn.Module]):
+    """(first call index per candidate name, block 0's start index, last block's end index, ids of the
+    parameters the last hidden state depends on)."""
+    device = next(base.parameters()).device
+    vocab = base.get_input_embeddings().num_embeddings
+    input_ids = (torch.arange(1, 5, device=device).repeat(2, 1) + torch.tensor([[0], [4]], device=device)) % vocab
+    config = getattr(base, "config", None)
+    use_cache = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
+    params = [p for m in candidates.values() for p in m.parameters(recurse=False)]
+    grad_flags = [p.requires_grad for p in params]
+    modes = {m: m.training for m in base.modules()}
+    events: list[str] = []
+    first_call: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(*_):
+            first_call.setdefault(name, len(events))
+            events.append(name)
+        return hook
+
+    handles = [blocks[0].register_forward_pre_hook(record("<start>")),
+               blocks[-1].register_forward_hook(record("<end>"))]
+    try:
+        handles += [module.register_forward_pre_hook(record(name)) for name, module in candidates.items()]
+        for p in params:
+            p.requires_grad_(True)  # so their use shows in the graph even when frozen
+        base.eval()
+        with torch.enable_grad():
+            hidden = base(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **use_cache)[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(params, grad_flags, strict=True):
+            p.requires_grad_(flag)
+        for m, training in modes.items():
+            m.training = training
+    if "<start>" not in events or "<end>" not in events:
+        raise RuntimeError("its blocks did not run as modules")
+    if hidden.grad_fn is None:
+        raise RuntimeError("its output has no autograd graph (inference mode?)")
+    end = len(events) - 1 - events[::-1].index("<end>")
+    return first_call, first_call["<start>"], end, _graph_leaves(hidden)
+
+
+def _graph_leaves(tensor: torch.Tensor) -> set[int]:
+    """Ids of the leaf tensors (parameters) the autograd graph of `tensor` reaches (no backward is run)."""
+    leaves, seen, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if variable is not None:
+            leaves.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def _part_by_name(name: str, module: nn.Module) -> str:
+    """The fallback rule: embedding modules (by type or name) are `embeddings`, the rest `final_norm`."""
+    return "embeddings" if isinstance(module, nn.Embedding) or "emb" in name.split(".")[-1] else "final_norm"
+
+
+def _sorted_parts(found: dict[str, str]) -> dict[str, list[str]]:
+    return {part: names for part in PART_ORDER if (names := [n for n, p in found.items() if p == part])}
+
+
 def resolve_source(name_or_path: str) -> tuple[str, bool]:
     """Return (path or hub id to load from, whether it is local)."""
     if Path(name_or_path).expanduser().is_dir():
@@ -155,6 +270,16 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
         if spec is not None and spec.origin is not None:
             return str(Path(spec.origin).parent / subdir), True
     return name_or_path, False
+
+
+def weights_origin(spec: ModelConf, path: str, local: bool, config) -> str:
+    """Provenance of pretrained weights: `bundled:<package>`, `local:<dir>` or `hub:<id>@<commit>`."""
+    if spec.name_or_path in BUNDLED and local and not Path(spec.name_or_path).expanduser().is_dir():
+        return f"bundled:{BUNDLED[spec.name_or_path][0]}"
+    if local:
+        return f"local:{Path(path).resolve()}"
+    revision = getattr(config, "_commit_hash", None) or spec.revision or "main"
+    return f"hub:{spec.name_or_path}@{revision}"
 
 
 def check_hub_access(hub_id: str, revision: str | None = None, timeout_s: float = 3.0) -> None:
@@ -234,7 +359,7 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
     if spec.arch is not None:
         tokenizer = load_tokenizer(spec, None)
         config = AutoConfig.for_model(spec.arch, **_token_ids(tokenizer), **spec.config_overrides)
-        path, pretrained, source = None, False, f"built from a {spec.arch} config"
+        path, pretrained, source, init_from = None, False, f"built from a {spec.arch} config", "random"
     else:
         path, local = resolve_source(spec.name_or_path)
         if not local:
@@ -243,16 +368,19 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
         config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                                             **spec.config_overrides)
         pretrained, source = True, f"pretrained from {path}"
+        init_from = weights_origin(spec, path, local, config)
     family = spec.family or family_of(config)
     if require is not None:
         require(family, config)
     model = _instantiate(spec, config, path, head)
     blocks_path, blocks = find_blocks(model.base_model, spec.blocks_path)
-    return Backbone(
+    backbone = Backbone(
         name=spec.name, model=model, tokenizer=tokenizer, blocks=blocks, blocks_path=blocks_path,
         family=family, block_type=spec.block_type or block_type_of(config, family),
-        pretrained=pretrained, source=source,
+        pretrained=pretrained, source=source, init_from=init_from,
     )
+    backbone.part_names  # noqa: B018 -- classify the parts now, on the fresh, unsharded model
+    return backbone
 
 
 def _instantiate(spec: ModelConf, config, path: str | None, head: HeadKind) -> PreTrainedModel:

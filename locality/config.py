@@ -8,7 +8,6 @@ constructor arguments are their schema) and are checked by instantiating them.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from locality.errors import UserError
+from locality.identity import run_name_resolver
 
 
 @dataclass
@@ -55,6 +55,11 @@ class DataConf:
     label_field: str | None = None
     train_split: str = "train"
     heldout_split: str = "validation"
+    # Where the probe / validation sets are drawn from (None = heldout_split); from one split the probe takes
+    # the first measure.n_probe hash-ordered examples and validation the next n_validation; drawn from the
+    # train split, they are held out from training (see locality.data.sources). Hub datasets only.
+    probe_split: str | None = None
+    validation_split: str | None = None
     min_chars: int = 1
     max_train_examples: int | None = None
     n_validation: int = 256
@@ -124,24 +129,11 @@ SCHEMAS = {"model": ModelConf, "objective": ObjectiveConf, "data": DataConf, "op
            "trainer": TrainerConf, "measure": MeasureConf, "logger": LoggerConf}
 
 
-def control_name(control: Any) -> str:
-    """The control's name for run names: its component names joined by '+', or 'standard'."""
-    names = list(control.keys()) if isinstance(control, DictConfig | dict) else []
-    return "+".join(names) or "standard"
-
-
-def run_name(model: str, objective: str, control: Any, seed: int, overrides: str = "") -> str:
-    """Deterministic run name: model-objective-control-s<seed>, plus a hash of any other swept values."""
-    name = f"{model}-{objective}-{control_name(control)}-s{seed}".replace("/", "_")
-    if overrides:
-        name += "-" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
-    return name
-
-
 def register_resolvers() -> None:
-    """Register the run-name resolver and each group's schema (`<group>/schema`, the base of its options)."""
+    """Register the run-name resolver (`${run_name:}`, see `locality.identity`) and each group's schema
+    (`<group>/schema`, the base of its options)."""
     if not OmegaConf.has_resolver("run_name"):
-        OmegaConf.register_new_resolver("run_name", run_name)
+        OmegaConf.register_new_resolver("run_name", run_name_resolver)
     store = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
         store.store(group=group, name="schema", node=schema)

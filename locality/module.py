@@ -1,7 +1,8 @@
 """`LocalityModule`: a Hugging Face backbone plus an objective, trained with AdamW and a warmup/decay schedule.
 
 It exposes the backbone's depth to controls and measurement under one naming scheme:
-`module.blocks` (residual blocks in depth order) and `module.parts` (embeddings, final_norm, head).
+`module.blocks` (residual blocks in depth order) and `module.parts` (embeddings, final_norm, head, and
+unused; placed by where the forward runs them, see `Backbone.part_names`).
 Controls may rewrite the model before the optimizer exists, the parameter groups, and add a penalty
 to the loss (see `locality.controls.base.Control`).
 """
@@ -18,6 +19,7 @@ from transformers import get_scheduler
 from locality.backbones import Backbone
 from locality.controls.base import Control
 from locality.objectives import Objective
+from locality.optim_groups import decay_split
 
 
 class LocalityModule(L.LightningModule):
@@ -71,19 +73,15 @@ class LocalityModule(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         out = self(batch)
         self.val_metrics.update(out.preds, out.target)
-        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         self.log_dict(self.val_metrics, on_step=False, on_epoch=True)
 
     def param_groups(self) -> list[dict]:
-        """AdamW groups: no weight decay on biases, norms and embeddings; then every control may rewrite them."""
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            skip = param.ndim < 2 or "norm" in name.lower() or "emb" in name.lower()
-            (no_decay if skip else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.optim.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        """AdamW groups: weight decay on the weight matrices of linear and conv layers only (backbone and task
+        head alike; see `locality.optim_groups`); then every control may rewrite them."""
+        decay, no_decay = decay_split(self)
+        groups = [{"params": list(decay.values()), "weight_decay": self.optim.weight_decay},
+                  {"params": list(no_decay.values()), "weight_decay": 0.0}]
         for control in self.controls:
             groups = control.param_groups(self, groups)
         return [g for g in groups if g["params"]]

@@ -1,8 +1,9 @@
 """The run directory contract: config.yaml, results.json (written atomically, last), checkpoints/, wandb/.
 
-A run directory's name is derived from its config (see `locality.config.run_name`), so re-launching the
+A run directory's name is derived from its resolved config (see `locality.identity`), so re-launching the
 same run or sweep finds its earlier work: a complete run (results.json present) is skipped, an
-interrupted one resumes from checkpoints/last.ckpt.
+interrupted one resumes from checkpoints/last.ckpt. A directory whose config.yaml differs from the current
+config in a result-changing key is refused, never skipped or resumed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from locality.errors import UserError
+from locality.identity import changed_keys
 
 SCHEMA = "locality.results/1"
 
@@ -46,6 +50,24 @@ class RunDir:
         for checkpoint in self.checkpoints.glob("*.ckpt"):
             checkpoint.unlink()
 
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    def refuse_other_config(self, cfg: DictConfig) -> None:
+        """A directory holding another config's work is never skipped or resumed by this one."""
+        if not self.config_path.is_file():
+            return
+        saved = OmegaConf.load(self.config_path)
+        current = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+        differ = changed_keys(saved, current)
+        if differ:
+            shown = ", ".join(f"{k} ({_get(saved, k)!r} there, {_get(current, k)!r} now)" for k in differ[:8])
+            raise UserError(
+                f"{self.path} holds a run of another config: {shown}"
+                f"{' and more' if len(differ) > 8 else ''}. It is neither skipped nor resumed. Launch without "
+                "hydra.run.dir so the run gets its own directory, or add force=true to start over there.")
+
     def save_config(self, cfg: DictConfig) -> None:
         OmegaConf.save(cfg, self.path / "config.yaml", resolve=True)
 
@@ -57,6 +79,10 @@ class RunDir:
         if results.get("schema") != SCHEMA:
             raise ValueError(f"results must carry schema {SCHEMA!r}")
         write_json_atomic(self.results_path, results)
+
+
+def _get(cfg: DictConfig, dotted: str):
+    return OmegaConf.select(cfg, dotted, default="<missing>")
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:

@@ -1,7 +1,9 @@
 """One fine-tuning run: `python -m locality.train [overrides]` (Hydra; `-m` sweeps).
 
-Read top to bottom: resolve the run directory, load the backbone and data, build the objective and
-controls, measure before training, train, measure after training, write results.json last.
+Read top to bottom: resolve the run directory, load the data and then the backbone, build the objective,
+controls and trainer, measure before training, train, measure after training, write results.json last.
+Measurement runs where training runs (the trainer's device and precision); in a multi-process run every
+rank trains and measures, and rank zero alone writes files and prints.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from locality.backbones import load_backbone, peek_family
-from locality.config import ModelConf, control_name, register_resolvers, to_plain, validate
+from locality.config import ModelConf, register_resolvers, to_plain, validate
 from locality.controls import Control, UpdateRatioMonitor
 from locality.data.datamodule import LocalityDataModule
 from locality.data.sources import load_splits
 from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
+from locality.identity import config_hash, control_name, setting_hash
 from locality.measure.cross_layer import save_cross_layer
 from locality.measure.depth import DepthProfiler
 from locality.measure.drop_top import evaluate_dropping_top
@@ -29,7 +33,9 @@ from locality.measure.report import format_profile, log_profile
 from locality.module import LocalityModule
 from locality.objectives import objective_class
 from locality.paths import conf_dir
+from locality.provenance import versions
 from locality.rundir import SCHEMA, RunDir
+from locality.taxonomy import scale_band
 from locality.trainer import build_logger, build_trainer, finish_wandb
 
 register_resolvers()
@@ -53,43 +59,57 @@ def run(cfg: DictConfig) -> dict:
     cfg = validate(cfg)
     quiet_libraries()
     run_dir = RunDir(HydraConfig.get().runtime.output_dir)
-    if run_dir.complete and not cfg.force:
-        print(f"{run_dir.path} is complete (results.json exists); skipping. Use force=true to re-run.")
-        return run_dir.read_results()
-    if cfg.force:
-        run_dir.start_over()
-    run_dir.save_config(cfg)
+    if not cfg.force:
+        run_dir.refuse_other_config(cfg)
+        if run_dir.complete:
+            print(f"{run_dir.path} is complete (results.json exists); skipping. Use force=true to re-run.")
+            return run_dir.read_results()
+    if is_main_process():
+        if cfg.force:
+            run_dir.start_over()
+        run_dir.save_config(cfg)
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
+    # Data first: a split too small or labels that cannot be encoded are refused before any weights load.
+    splits = load_splits(cfg.data, n_probe=cfg.measure.n_probe)
     spec = ModelConf(**cfg.model)
     objective_cls = objective_class(cfg.objective.name, family=peek_family(spec))
     backbone = load_backbone(spec, objective_cls.head_kind, require=objective_cls.check_family)
-    splits = load_splits(cfg.data, n_probe=cfg.measure.n_probe)
     objective_cls.check(backbone, splits)
     objective = objective_cls(backbone, splits, cfg.objective)
     data = LocalityDataModule(splits, objective, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed,
                               cfg.data.num_workers)
     controls = build_controls(cfg.control)
     module = LocalityModule(backbone, objective, cfg.optim, controls)
-    print(backbone.describe())
+    if is_main_process():
+        print(backbone.describe())
 
     profiler = DepthProfiler(cfg.measure, backbone, data, cfg.seed)
-    profiler.before_training(module)
-
-    logger = build_logger(cfg.logger, run_dir, cfg.run_name, to_plain(cfg))
+    logger = False
+    sweep = cfg.sweep_name if HydraConfig.get().mode == RunMode.MULTIRUN else None
+    if is_main_process():
+        tags = [f"family:{backbone.family}", f"block:{backbone.block_type}", f"scale:{scale_band(backbone.n_params)}"]
+        logger = build_logger(cfg.logger, run_dir, cfg.run_name, to_plain(cfg), group=sweep,
+                              job_type=control_name(cfg.control), tags=tags)
     callbacks = [*controls, *filter(None, [profiler.dynamics_callback(), ratio_monitor(cfg.measure, controls)])]
     trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
+    profiler.before_training(module, trainer)  # on the trainer's device, in its precision
     trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
     final = trainer.validate(module, datamodule=data, verbose=False)[0]
 
     results = {
         "schema": SCHEMA,
-        "run": {"name": cfg.run_name, "model": cfg.model.name, "family": backbone.family,
-                "block_type": backbone.block_type, "objective": objective_cls.name,
+        "run": {"name": run_dir.path.name, "model": cfg.model.name, "family": backbone.family,
+                "block_type": backbone.block_type, "scale_band": scale_band(backbone.n_params),
+                "objective": objective_cls.name,
                 "control": control_name(cfg.control), "seed": cfg.seed, "n_params": backbone.n_params,
-                "n_layers": backbone.n_layers, "steps": trainer.global_step},
-        **profiler.after_training(module),
+                "n_layers": backbone.n_layers, "steps": trainer.global_step, "init_from": backbone.init_from,
+                "config_hash": config_hash(cfg), "setting_hash": setting_hash(cfg), "sweep": sweep,
+                "versions": versions(), "data": splits.info()},
+        "layers": ["embed", *(f"block_{i:02d}" for i in range(backbone.n_layers))],
+        "measure": {key: to_plain(cfg.measure[key]) for key in ("n_probe", "pooling", "ci", "ci_method", "n_boot")},
+        **profiler.after_training(module, trainer),
         "init": profiler.init,
         "final": {key.removeprefix("val/"): float(value) for key, value in final.items()},
         "controls": {control.name: control.summary() for control in controls},
@@ -97,14 +117,21 @@ def run(cfg: DictConfig) -> dict:
     }
     if cfg.measure.drop_top_k:
         results["drop_top_k"] = evaluate_dropping_top(trainer, module, data, backbone, cfg.measure.drop_top_k)
+    results["run"]["wall_s"] = time.perf_counter() - started
+    if not is_main_process():
+        return results
     if "cross_layer" in results:
         save_cross_layer(run_dir.path, results["cross_layer"])
-    results["run"]["wall_s"] = time.perf_counter() - started
     log_profile(trainer.loggers, results, step=trainer.global_step)
     run_dir.write_results(results)
     print(format_profile(results))
     print(f"\nresults: {run_dir.results_path}")
     return results
+
+
+def is_main_process() -> bool:
+    """Rank zero of a multi-process run (or the only process): it alone writes files and prints."""
+    return rank_zero_only.rank == 0
 
 
 def ratio_monitor(measure_cfg, controls: list[Control]) -> UpdateRatioMonitor | None:

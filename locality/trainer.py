@@ -20,7 +20,10 @@ def _csv_logger(run: RunDir) -> CSVLogger:
     return CSVLogger(save_dir=run.path, name="csv", version="")
 
 
-def build_logger(cfg, run: RunDir, run_name: str, config: dict) -> Logger | bool:
+def build_logger(cfg, run: RunDir, run_name: str, config: dict, group: str | None = None,
+                 job_type: str = "train", tags: list[str] = ()) -> Logger | bool:
+    """The configured logger. On W&B a sweep's runs share one group (the sweep name unless logger.group is
+    set), `job_type` is the control, and tags name the family, block type and scale band."""
     if cfg.kind == "none":
         return False
     if cfg.kind == "csv":
@@ -31,9 +34,9 @@ def build_logger(cfg, run: RunDir, run_name: str, config: dict) -> Logger | bool
         from lightning.pytorch.loggers import WandbLogger
 
         offline = cfg.offline and os.environ.get("WANDB_MODE") != "online"
-        return WandbLogger(name=run_name, id=run_name, project=cfg.project, entity=cfg.entity,
-                           save_dir=str(run.path), offline=offline, group=cfg.group, tags=list(cfg.tags),
-                           config=config, job_type="train")
+        return WandbLogger(name=run_name, id=run.path.name, project=cfg.project, entity=cfg.entity,
+                           save_dir=str(run.path), offline=offline, group=cfg.group or group,
+                           tags=[*cfg.tags, *tags], config=config, job_type=job_type)
     except Exception as err:  # never let W&B kill a run
         warnings.warn(f"W&B logger unavailable ({err}); logging to CSV instead.", stacklevel=2)
         return _csv_logger(run)

@@ -52,8 +52,9 @@ def test_hub_loader_reads_sst2_format_from_local_parquet(tmp_path):
     cfg = OmegaConf.merge(load_option("data", "sst2"), {
         "path": "parquet", "subset": None, "n_validation": 10,
         "data_files": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "validation.parquet")}})
-    splits = load_splits(cfg, n_probe=20)
-    assert (len(splits.train), len(splits.probe), len(splits.validation)) == (80, 20, 10)
+    splits = load_splits(cfg, n_probe=20)  # sst2.yaml carves the probe set out of the train split
+    assert (len(splits.train), len(splits.probe), len(splits.validation)) == (60, 20, 10)
+    assert not {e["text"] for e in splits.probe} & {e["text"] for e in splits.train}
     assert splits.label_names == ["0", "1"] and {e["label"] for e in splits.train} == {0, 1}
 
 

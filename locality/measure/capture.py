@@ -15,7 +15,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -58,7 +58,7 @@ def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, how: str, positions: t
         m = mask.unsqueeze(-1).float()
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
     if how == "last":
-        return hidden[torch.arange(hidden.shape[0]), mask.sum(1).clamp(min=1) - 1]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(1).clamp(min=1) - 1]
     if how == "first":
         return hidden[:, 0]
     if how == "tokens":
@@ -77,8 +77,12 @@ def token_positions(mask: torch.Tensor, k: int, generator: torch.Generator) -> t
 
 @torch.no_grad()
 def capture(base: nn.Module, blocks: nn.ModuleList, batches: Iterable[dict], pooling: str = "mean",
-            k_tokens: int = 8, seed: int = 0) -> list[torch.Tensor]:
-    """Pooled float32 features per layer, [L+1] tensors of [n, d] on CPU, for the probe batches."""
+            k_tokens: int = 8, seed: int = 0, forward_context=nullcontext) -> list[torch.Tensor]:
+    """Pooled float32 features per layer, [L+1] tensors of [n, d] on CPU, for the probe batches.
+
+    The forward runs on the model's device inside `forward_context()` (e.g. the trainer's autocast); hidden
+    states are pooled there and only the pooled features are copied to the host.
+    """
     device = next(base.parameters()).device
     was_training = base.training
     base.eval()
@@ -88,11 +92,13 @@ def capture(base: nn.Module, blocks: nn.ModuleList, batches: Iterable[dict], poo
     try:
         with block_hooks(blocks, sink):
             for batch in batches:
-                mask = batch["attention_mask"]
-                base(input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device), **no_cache(base))
-                positions = token_positions(mask, k_tokens, generator) if pooling == "tokens" else None
+                mask = batch["attention_mask"].to(device)
+                with forward_context():
+                    base(input_ids=batch["input_ids"].to(device), attention_mask=mask, **no_cache(base))
+                positions = token_positions(mask.cpu(), k_tokens, generator) if pooling == "tokens" else None
+                positions = positions.to(device) if positions is not None else None
                 for layer, hidden in enumerate(sink):
-                    pooled[layer].append(pool_hidden(hidden.cpu(), mask, pooling, positions))
+                    pooled[layer].append(pool_hidden(hidden, mask, pooling, positions).cpu())
     finally:
         base.train(was_training)
     return [torch.cat(chunks) for chunks in pooled]

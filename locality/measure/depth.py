@@ -1,15 +1,19 @@
 """`DepthProfiler`: everything measured about one run's depth profile, in the order a run needs it.
 
-    profiler.before_training(module)   # pre-capture (cached), weight snapshot, step-0 objective distance
-    trainer.fit(...)                   # optional: profiler.dynamics callback captures every n steps
-    profiler.after_training(module)    # post-capture, per-layer change + bootstrap, profile statistics
+    profiler.before_training(module, trainer)  # pre-capture (cached), weight snapshot, step-0 objective distance
+    trainer.fit(...)                           # optional: the dynamics callback captures every n steps
+    profiler.after_training(module, trainer)   # post-capture, per-layer change + bootstrap, profile statistics
 
-All numbers land in one dict shaped like results.json's "depth", "change", "profile" and "init" keys.
+Every forward pass runs where training runs: the module on the trainer's device, under the trainer's
+precision context (autocast for `*-mixed`), with features pooled on the device and only the pooled
+[n, d] features moved to the host. All numbers land in one dict shaped like results.json's "depth",
+"change", "profile" and "init" keys.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import lightning as L
 import torch
@@ -49,9 +53,10 @@ class DepthProfiler:
         n = self.backbone.n_layers
         return [layer / n for layer in range(n + 1)]
 
-    def _capture(self) -> list[torch.Tensor]:
+    def _capture(self, context=nullcontext) -> list[torch.Tensor]:
         return capture(self.backbone.base, self.backbone.blocks, self.data.probe_dataloader(),
-                       pooling=self.cfg.pooling, k_tokens=self.cfg.token_positions, seed=self.seed)
+                       pooling=self.cfg.pooling, k_tokens=self.cfg.token_positions, seed=self.seed,
+                       forward_context=context)
 
     def _settings(self) -> dict:
         """Everything besides weights and probe texts that the captured features depend on."""
@@ -59,7 +64,8 @@ class DepthProfiler:
         return {"pooling": self.cfg.pooling, "k": self.cfg.token_positions, "seed": self.seed,
                 "tokenizer": tok.name_or_path, "vocab": len(tok), "max_length": self.data.max_length}
 
-    def before_training(self, module: L.LightningModule) -> None:
+    def before_training(self, module: L.LightningModule, trainer: L.Trainer | None = None) -> None:
+        context = on_training_device(module, trainer)
         start = time.perf_counter()
         key = capture_key(weights_fingerprint(self.backbone.base),
                           [e["text"] for e in self.data.splits.probe], self._settings())
@@ -67,19 +73,19 @@ class DepthProfiler:
         self.pre = load_cached(path) if self.cfg.cache else None
         self.cache_hit = self.pre is not None
         if self.pre is None:
-            self.pre = self._capture()
+            self.pre = self._capture(context)
             if self.cfg.cache:
                 save_cached(path, self.pre)
         self.timings["pre_capture_s"] = time.perf_counter() - start
         self.reference = snapshot_blocks(self.backbone.blocks)
         batches = [b for _, b in zip(range(self.cfg.init_batches), self.data.init_dataloader(), strict=False)]
-        self.init = objective_distance(module, batches)
+        self.init = objective_distance(module, batches, forward_context=context)
         grad = self.init["grad_rel"]
         self.init["grad_rel_slope"] = _slope_over_blocks(grad)
 
-    def after_training(self, module: L.LightningModule) -> dict:
+    def after_training(self, module: L.LightningModule, trainer: L.Trainer | None = None) -> dict:
         start = time.perf_counter()
-        post = self._capture()
+        post = self._capture(on_training_device(module, trainer))
         self.timings["post_capture_s"] = time.perf_counter() - start
         start = time.perf_counter()
         change_metrics = [m for m in self.cfg.metrics if m not in FEATURE_STATS]
@@ -119,7 +125,7 @@ class _Dynamics(L.Callback):
         if step == self.last_step or step % self.profiler.cfg.every_n_steps:
             return
         self.last_step = step
-        post = self.profiler._capture()
+        post = self.profiler._capture(trainer.precision_plugin.forward_context)
         metrics = [m for m in self.profiler.cfg.metrics if m in ("cosine", "cka_linear", "cka_debiased")]
         changes = layer_changes(self.profiler.pre, post, metrics=metrics, n_boot=0, seed=self.profiler.seed,
                                 groups=self.profiler.groups)
@@ -127,6 +133,15 @@ class _Dynamics(L.Callback):
         entry["slope"] = {m: ols_slope(self.profiler.depth, changes[m].values) for m in metrics}
         self.profiler.history.append(entry)
         pl_module.log_dict({f"dynamics/{m}_slope": v for m, v in entry["slope"].items()})
+
+
+def on_training_device(module: L.LightningModule, trainer: L.Trainer | None):
+    """Move the module to the trainer's device (Lightning moves it back to the CPU after `fit`) and return
+    the trainer's forward precision context, a factory of context managers."""
+    if trainer is None:
+        return nullcontext
+    module.to(trainer.strategy.root_device)
+    return trainer.precision_plugin.forward_context
 
 
 def _slope_over_blocks(values: list[float | None]) -> float | None:

@@ -8,12 +8,18 @@ Measured before any update, in eval mode (no dropout), on a fixed set of trainin
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
 
-def objective_distance(module, batches: list[dict]) -> dict:
-    """{"loss", "<metric>"..., "grad_rel": [per block]} at the module's current weights; grads are cleared after."""
+def objective_distance(module, batches: list[dict], forward_context=nullcontext) -> dict:
+    """{"loss", "<metric>"..., "grad_rel": [per block]} at the module's current weights; grads are cleared after.
+
+    Forwards run on the module's device inside `forward_context()` (the trainer's precision), backwards
+    outside it, as in training.
+    """
     model_mode = module.training
     module.eval()
     module.zero_grad(set_to_none=True)
@@ -22,8 +28,9 @@ def objective_distance(module, batches: list[dict]) -> dict:
     try:
         for batch in batches:
             batch = {k: v.to(module.device) for k, v in batch.items()}
-            out = module(batch)
-            (out.loss / len(batches)).backward()
+            with forward_context():
+                out = module(batch)
+            (out.loss.float() / len(batches)).backward()
             total += float(out.loss.detach())
             metrics.update(out.preds, out.target)
         result = {"loss": total / len(batches), **{k: float(v) for k, v in metrics.compute().items()}}

@@ -45,8 +45,9 @@ class SequenceClassification(Objective):
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   **no_cache(model))[0]
-        logits = self.head(pool(hidden, batch["attention_mask"], self.pooling))
-        loss = nn.functional.cross_entropy(logits, batch["labels"])
+        pooled = pool(hidden, batch["attention_mask"], self.pooling)
+        logits = self.head(pooled.to(self.head[-1].weight.dtype))  # a bf16 backbone feeds a float32 head
+        loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
         return StepOutput(loss, logits.argmax(dim=-1), batch["labels"])
 
     def metrics(self) -> torchmetrics.MetricCollection:

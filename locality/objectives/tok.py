@@ -55,6 +55,7 @@ class TokenClassification(Objective):
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   **no_cache(model))[0]
-        logits = self.head(hidden)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
+        logits = self.head(hidden.to(self.head[-1].weight.dtype))  # a bf16 backbone feeds a float32 head
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
+                                           ignore_index=IGNORE)
         return StepOutput(loss, logits.argmax(dim=-1), batch["labels"])

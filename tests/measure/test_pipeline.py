@@ -15,8 +15,9 @@ from locality.measure.drop_top import without_top_blocks
 def test_results_follow_the_schema(train):
     r = train("model=tiny_opt", "objective=cls")
     assert r["schema"] == "locality.results/1"
-    assert set(r["run"]) == {"name", "model", "family", "block_type", "objective", "control", "seed", "n_params",
-                             "n_layers", "steps", "wall_s"}
+    assert set(r["run"]) == {"name", "model", "family", "block_type", "scale_band", "objective", "control", "seed",
+                             "n_params", "n_layers", "steps", "wall_s", "init_from", "config_hash", "setting_hash",
+                             "sweep", "versions", "data"}
     n = r["run"]["n_layers"]
     assert r["depth"] == [i / n for i in range(n + 1)]
     for metric in ("cosine", "cka_linear", "cka_debiased", "procrustes", "weight_rel"):
@@ -103,3 +104,4 @@ def test_saved_model_loads_through_model_hf(train, tmp_path):
     saved.tokenizer.save_pretrained(tmp_path / "ckpt")
     r = train("model=hf", f"model.name_or_path={tmp_path}/ckpt", "objective=clm")
     assert r["run"]["block_type"] == "parallel" and r["run"]["n_layers"] == 4 and r["run"]["model"] == "hf"
+    assert r["run"]["init_from"] == f"local:{(tmp_path / 'ckpt').resolve()}"

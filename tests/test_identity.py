@@ -1,0 +1,102 @@
+"""A run's identity is its resolved config: same config by any route, same directory; any difference, another."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from locality.config import register_resolvers, validate
+from locality.errors import UserError
+from locality.identity import NON_RESULT_KEYS, changed_keys, config_hash, result_config
+from locality.paths import conf_dir
+from locality.rundir import RunDir
+
+register_resolvers()
+
+
+def name_of(*overrides: str) -> str:
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        return str(cfg.hydra.run.dir).rsplit("/", 1)[-1]
+
+
+def test_an_experiment_file_changes_the_directory():
+    """The issue's case: the same command line with and without experiment=tiny_matrix (another lr, probe
+    size and step count) used to share one directory."""
+    plain = name_of("model=tiny_gpt2", "objective=clm")
+    matrix = name_of("model=tiny_gpt2", "objective=clm", "experiment=tiny_matrix")
+    assert plain.startswith("tiny_gpt2-clm-standard-s0-") and matrix.startswith("tiny_gpt2-clm-standard-s0-")
+    assert plain != matrix
+
+
+def test_the_same_config_by_any_route_is_the_same_directory():
+    default = name_of("model=tiny_gpt2", "objective=clm")
+    assert name_of("model=tiny_gpt2", "objective=clm", "optim.lr=1.0e-4") == default  # the default, spelt out
+    assert name_of("model=tiny_gpt2", "objective=clm", "optim.lr=0.0001") == default
+    assert name_of("objective=clm", "model=tiny_gpt2") == default  # order of overrides
+    # what cannot change results stays out of the hash
+    assert name_of("model=tiny_gpt2", "objective=clm", "logger=csv", "trainer.enable_progress_bar=false",
+                   "data.num_workers=2", "measure.cache=false", "sweep_name=x") == default
+    # a control spelt with its default arguments is the same control
+    assert name_of("model=tiny_gpt2", "objective=clm", "control=equal_step") == name_of(
+        "model=tiny_gpt2", "objective=clm", "control=equal_step", "control.equal_step.target=mean")
+
+
+def test_any_result_changing_value_is_another_directory():
+    default = name_of("model=tiny_gpt2", "objective=clm")
+    for override in ("optim.lr=0.001", "measure.n_probe=256", "data.batch_size=8", "trainer.max_steps=7",
+                     "objective.max_length=64", "model.config_overrides.n_layer=2", "data=pydoc_topics"):
+        assert name_of("model=tiny_gpt2", "objective=clm", override) != default, override
+
+
+def test_replicates_share_a_hash_and_differ_in_the_name():
+    s0, s1 = name_of("model=tiny_gpt2", "seed=0"), name_of("model=tiny_gpt2", "seed=1")
+    assert s0.endswith(s1.rsplit("-", 1)[1]) and "-s0-" in s0 and "-s1-" in s1
+
+
+def test_non_result_keys_are_listed_once_and_exist():
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    for key in NON_RESULT_KEYS:
+        assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key
+    kept = result_config(cfg)
+    assert "logger" not in kept and "hydra" not in kept and "enable_progress_bar" not in kept["trainer"]
+    assert kept["seed"] == 0 and kept["optim"]["lr"] == pytest.approx(1e-4)
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return validate(compose("train", overrides=["model=tiny_gpt2", *overrides]))
+
+
+def test_a_directory_of_another_config_is_refused_naming_the_keys(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.save_config(composed())
+    run.refuse_other_config(composed("logger=csv"))  # a non-result difference is the same run
+    with pytest.raises(UserError, match=r"optim\.lr.*trainer\.max_steps|optim\.lr"):
+        run.refuse_other_config(composed("optim.lr=0.001", "trainer.max_steps=7"))
+    assert changed_keys(composed(), composed("optim.lr=0.001", "trainer.max_steps=7")) == [
+        "optim.lr", "trainer.max_steps"]
+    assert config_hash(composed()) != config_hash(composed("optim.lr=0.001"))
+
+
+def test_relaunching_a_directory_with_another_config_exits_2(train, tmp_path):
+    first = train("model=tiny_gpt2", "objective=clm", "logger=csv")
+    run_dir = tmp_path / "runs" / first["run"]["name"]
+    assert first["run"]["config_hash"] == first["run"]["name"].rsplit("-", 1)[1]
+    with pytest.raises(UserError, match="optim.lr"):
+        train("model=tiny_gpt2", "objective=clm", "optim.lr=0.01", f"hydra.run.dir={run_dir}")
+    assert OmegaConf.load(run_dir / "config.yaml").optim.lr == pytest.approx(1e-4)  # untouched
+
+
+def test_wandb_run_id_follows_the_directory_and_sweeps_share_a_group(tmp_path):
+    from locality.config import LoggerConf
+    from locality.trainer import build_logger
+
+    run = RunDir(tmp_path / "gpt2-cls-equal_step-s3-0123abcd")
+    logger = build_logger(OmegaConf.structured(LoggerConf()), run, "gpt2-cls-equal_step-s3-0123abcd", {},
+                          group="paper_240", job_type="equal_step", tags=["family:decoder", "scale:<200M"])
+    init = logger._wandb_init
+    assert init["id"] == run.path.name and init["group"] == "paper_240" and init["job_type"] == "equal_step"
+    assert init["tags"] == ["family:decoder", "scale:<200M"] and logger._offline
