@@ -120,7 +120,8 @@ def test_two_process_ddp_run_writes_one_results_json(tmp_path):
                "trainer.devices=2", "logger=csv", *FAST, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = list((tmp_path / "outputs").rglob("results.json"))
-    assert len(found) == 1 and len(list((tmp_path / "outputs").rglob("config.yaml"))) == 1
+    configs = [p for p in (tmp_path / "outputs").rglob("config.yaml") if ".hydra" not in p.parts]  # Hydra's own
+    assert len(found) == 1 and configs == [found[0].parent / "config.yaml"]
     assert proc.stdout.count("Depth profile of") == 1
     results = json.loads(found[0].read_text())
     assert results["run"]["steps"] == 2 and results["run"]["name"] == found[0].parent.name
