@@ -2,27 +2,53 @@
 
     profiler.before_training(module, trainer)  # pre-capture (cached), weight snapshot, step-0 objective distance
     trainer.fit(...)                           # optional: the dynamics callback captures every n steps
-    profiler.after_training(module, trainer)   # post-capture, per-layer change + bootstrap, profile statistics
+    profiler.after_training(module, trainer)   # post-capture, per-layer change + intervals, profile statistics
 
 Every forward pass runs where training runs: the module on the trainer's device, under the trainer's
 precision context (autocast for `*-mixed`), with features pooled on the device and only the pooled
-[n, d] features moved to the host. All numbers land in one dict shaped like results.json's "depth",
-"change", "profile" and "init" keys.
+[n, d] features (and, for cosine_tokens, per-sequence sums) moved to the host. All numbers land in one
+dict shaped like results.json's "depth", "change", "profile" and "init" keys:
+
+- change.<metric>: the pooled metrics from the pre- and post-capture (`layer_changes`); cosine_tokens
+  from the post-capture pass that also runs the pretrained weights (`capture_token_change`, whose
+  docstring states its memory and time), with the same bootstrap draws (`token_change`).
+- profile.<metric>: `profile_stats` (slope, slope_ci, slope_per_layer, steepness, width, width_count,
+  ci_method, ci_level, ci_note, slope_jackknife). The interval's method per metric comes from
+  `interval_method`: the bootstrap, a delete-a-group jackknife for the plug-in metrics when d <= n/4,
+  none (with a warning and ci_note) above.
+- init: `objective_distance`, with kl / kl_norm (a linear probe on frozen features for new heads,
+  fitted on the first `measure.kl_probe_train` training examples, evaluated on the validation split).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+import warnings
 from contextlib import nullcontext
 
 import lightning as L
 import torch
 
-from locality.measure.capture import capture, capture_key, load_cached, save_cached, weights_fingerprint
+from locality.measure.capture import (
+    capture,
+    capture_key,
+    capture_token_change,
+    load_cached,
+    save_cached,
+    weights_fingerprint,
+)
 from locality.measure.init_distance import objective_distance
-from locality.measure.profile import ols_slope, profile_stats
-from locality.measure.similarity import cka_matrix, layer_changes
-from locality.measure.weights import snapshot_blocks, weight_rel
+from locality.measure.profile import interval_method, ols_slope, profile_stats
+from locality.measure.similarity import (
+    TOKEN_METRICS,
+    cka_matrix,
+    jackknife_changes,
+    layer_changes,
+    token_change,
+)
+from locality.measure.weights import snapshot_blocks, snapshot_parameters, weight_rel
 from locality.paths import cache_dir
 
 FEATURE_STATS = ("dot", "norm_ratio")  # Ren et al. 2023 feature statistics; not "change" metrics
@@ -36,6 +62,7 @@ class DepthProfiler:
         self.seed = seed
         self.pre: list[torch.Tensor] | None = None
         self.reference: list[dict] | None = None
+        self.pretrained: dict[str, torch.Tensor] | None = None  # the base model's weights, for cosine_tokens
         self.init: dict = {}
         self.timings: dict[str, float] = {}
         self.cache_hit = False
@@ -58,47 +85,105 @@ class DepthProfiler:
                        pooling=self.cfg.pooling, k_tokens=self.cfg.token_positions, seed=self.seed,
                        forward_context=context)
 
-    def _settings(self) -> dict:
-        """Everything besides weights and probe texts that the captured features depend on."""
+    def _settings(self, trainer: L.Trainer | None) -> dict:
+        """Everything besides weights and probe texts that the captured features depend on: how they are pooled,
+        the tokenizer (its whole vocabulary), the model config (overrides that change the forward pass with the
+        same weights), and the dtype and precision the capture runs in."""
         tok = self.backbone.tokenizer
+        vocab = hashlib.sha1(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
         return {"pooling": self.cfg.pooling, "k": self.cfg.token_positions, "seed": self.seed,
-                "tokenizer": tok.name_or_path, "vocab": len(tok), "max_length": self.data.max_length}
+                "tokenizer": tok.name_or_path, "vocab": vocab, "special": tok.special_tokens_map,
+                "padding_side": tok.padding_side, "max_length": self.data.max_length,
+                "model_config": self.backbone.model.config.to_diff_dict(),
+                "dtype": str(next(self.backbone.base.parameters()).dtype),
+                "precision": str(trainer.precision) if trainer is not None else None}
 
     def before_training(self, module: L.LightningModule, trainer: L.Trainer | None = None) -> None:
         context = on_training_device(module, trainer)
         start = time.perf_counter()
         key = capture_key(weights_fingerprint(self.backbone.base),
-                          [e["text"] for e in self.data.splits.probe], self._settings())
+                          [e["text"] for e in self.data.splits.probe], self._settings(trainer))
         path = cache_dir() / "captures" / f"{key}.pt"
-        self.pre = load_cached(path) if self.cfg.cache else None
+        expected = (self.backbone.n_layers + 1, len(self.data.splits.probe))
+        self.pre = load_cached(path, expected) if self.cfg.cache else None
         self.cache_hit = self.pre is not None
         if self.pre is None:
             self.pre = self._capture(context)
             if self.cfg.cache:
                 save_cached(path, self.pre)
         self.timings["pre_capture_s"] = time.perf_counter() - start
-        self.reference = snapshot_blocks(self.backbone.blocks)
+        if "cosine_tokens" in self.cfg.metrics:
+            self.pretrained = snapshot_parameters(self.backbone.base)
+        self.reference = snapshot_blocks(self.backbone.blocks, self.backbone.base, self.pretrained)
         batches = [b for _, b in zip(range(self.cfg.init_batches), self.data.init_dataloader(), strict=False)]
-        self.init = objective_distance(module, batches, forward_context=context)
+        start = time.perf_counter()
+        probe_train, probe_eval = self._probe_batches(module)
+        self.init = objective_distance(module, batches, forward_context=context, probe_train=probe_train,
+                                       probe_eval=probe_eval)
+        self.timings["init_s"] = time.perf_counter() - start
         grad = self.init["grad_rel"]
         self.init["grad_rel_slope"] = _slope_over_blocks(grad)
 
+    def _probe_batches(self, module: L.LightningModule) -> tuple[list[dict] | None, list[dict] | None]:
+        """Training batches holding the first `kl_probe_train` examples, and every validation batch: the
+        linear probe of init.kl for objectives with a new head (None when there is none or it is off)."""
+        if self.cfg.kl_probe_train <= 0 or getattr(module.objective, "head", None) is None:
+            return None, None
+        train, n = [], 0
+        for batch in self.data.init_dataloader():
+            rows = batch["input_ids"].shape[0]
+            take = min(rows, self.cfg.kl_probe_train - n)
+            train.append({k: v[:take] for k, v in batch.items()} if take < rows else batch)
+            n += take
+            if n >= self.cfg.kl_probe_train:
+                break
+        return train, list(self.data.val_dataloader())
+
     def after_training(self, module: L.LightningModule, trainer: L.Trainer | None = None) -> dict:
         start = time.perf_counter()
-        post = self._capture(on_training_device(module, trainer))
+        context = on_training_device(module, trainer)
+        post = token_sums = token_counts = None
+        if self.pretrained is not None:
+            try:
+                post, token_sums, token_counts = capture_token_change(
+                    self.backbone.base, self.backbone.blocks, self.data.probe_dataloader(), self.pretrained,
+                    pooling=self.cfg.pooling, k_tokens=self.cfg.token_positions, seed=self.seed,
+                    forward_context=context)
+            except ValueError as err:  # a control added parameters with no pretrained value
+                warnings.warn(f"cosine_tokens not measured: {err}", stacklevel=2)
+            self.pretrained = None  # weight_rel's reference keeps only the blocks
+        if post is None:
+            post = self._capture(context)
         self.timings["post_capture_s"] = time.perf_counter() - start
         start = time.perf_counter()
         change_metrics = [m for m in self.cfg.metrics if m not in FEATURE_STATS]
-        changes = layer_changes(self.pre, post, metrics=change_metrics + list(FEATURE_STATS),
+        pooled = [m for m in change_metrics if m not in TOKEN_METRICS]
+        n_rows, dim = self.pre[0].shape[0], max(f.shape[1] for f in self.pre)
+        plans = {m: interval_method(m, n_rows, dim, bootstrap=self.cfg.ci_method, plugin=self.cfg.plugin_ci)
+                 for m in change_metrics}
+        bootstrapped = {m for m, (method, _) in plans.items() if method in ("basic", "percentile")}
+        changes = layer_changes(self.pre, post, metrics=pooled + list(FEATURE_STATS),
                                 n_boot=self.cfg.n_boot, seed=self.seed, groups=self.groups,
-                                n_boot_procrustes=self.cfg.n_boot_procrustes)
-        change = {m: changes[m].values for m in change_metrics}
+                                n_boot_procrustes=self.cfg.n_boot_procrustes if "procrustes" in bootstrapped else 0)
+        if token_sums is not None:
+            changes["cosine_tokens"] = token_change(token_sums, token_counts, n_boot=self.cfg.n_boot, seed=self.seed)
+        jackknifed = [m for m in pooled if plans[m][0] == "jackknife"]
+        leave_out = jackknife_changes(self.pre, post, jackknifed, n_groups=self.cfg.jackknife_groups, seed=self.seed,
+                                      groups=self.groups) if jackknifed else {}
+        notes = {m: note for m, (_, note) in plans.items() if note}
+        if notes:
+            warnings.warn(" | ".join(f"{m}: {note}" for m, note in notes.items()), stacklevel=2)
+        change = {m: changes[m].values for m in change_metrics if m in changes}
         profile = {m: profile_stats(self.depth, changes[m].values, changes[m].replicates, ci=self.cfg.ci,
-                                    method=self.cfg.ci_method)
-                   for m in change_metrics}
+                                    method=plans[m][0], jackknife=leave_out.get(m), ci_note=plans[m][1],
+                                    width_threshold=self.cfg.width_threshold)
+                   for m in change}
         rel = [None, *weight_rel(self.backbone.blocks, self.reference)]
         change["weight_rel"] = rel
-        profile["weight_rel"] = profile_stats(self.depth, rel, None, ci=self.cfg.ci, method=self.cfg.ci_method)
+        profile["weight_rel"] = profile_stats(self.depth, rel, None, ci=self.cfg.ci, method=None,
+                                              width_threshold=self.cfg.width_threshold,
+                                              ci_note="no interval: one weight difference per block, nothing to "
+                                                      "resample")
         self.timings["metrics_s"] = time.perf_counter() - start
         result = {"depth": self.depth, "change": change, "profile": profile,
                   "features": {m: changes[m].values for m in FEATURE_STATS}}
@@ -133,6 +218,14 @@ class _Dynamics(L.Callback):
         entry["slope"] = {m: ols_slope(self.profiler.depth, changes[m].values) for m in metrics}
         self.profiler.history.append(entry)
         pl_module.log_dict({f"dynamics/{m}_slope": v for m, v in entry["slope"].items()})
+
+    def state_dict(self) -> dict:
+        """The captures so far travel with the checkpoint: a resumed run reports the whole trajectory."""
+        return {"history": list(self.profiler.history), "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.profiler.history[:] = state_dict["history"]
+        self.last_step = state_dict["last_step"]
 
 
 def on_training_device(module: L.LightningModule, trainer: L.Trainer | None):

@@ -4,21 +4,38 @@ A profile is one change value c_l per layer l = 0..L at normalized depth l/L (0 
 block). Layers whose value is None or NaN (e.g. weight_rel of the embedding layer when it is not a block)
 are dropped from every statistic.
 
-- slope (the locality gradient): OLS slope of c_l against depth. Positive = change concentrates in
-  output-proximal layers. Its CI is the percentile interval of the same fit on each bootstrap replicate
-  (replicates resample probe examples; see `layer_changes`), e.g. 2.5/97.5 % for ci=0.95, fitted on the
-  layers where the point profile is defined; its ends are noisy below ~200 replicates. For the plug-in
-  metrics (cka_linear, procrustes) the replicates are shifted towards less change (see `layer_changes`),
-  and so is this interval: measured at n=512, d=384, the mean replicate slope was 5% (cka_linear) and
-  31% (procrustes) below the point slope, and the 95% interval excluded it. method="basic" reflects the
-  quantiles around the point (2 * slope - q), which cancels such a shift to first order; cka_debiased and
-  the row-wise metrics have unshifted replicates (+0.3%, +0.1%) and need neither.
-- steepness: the log-linear growth rate, OLS slope of ln(c_l) against depth = e-folds of change per unit
-  depth (exp(k * depth) has steepness k). It is scale-free, unlike the slope, so it compares the shape of
-  metrics with different units. c_l is floored at STEEPNESS_FLOOR * max(c) so a layer with zero change
-  is finite (it contributes ln(1e-3) below the maximum, about -6.9).
+- slope (the locality gradient): OLS slope of c_l against depth l/L. Positive = change concentrates in
+  output-proximal layers. Its interval (level `ci`, e.g. 0.95) depends on the metric's estimator:
+  - bootstrap (cosine, cosine_tokens, cka_debiased, euclidean): the same fit on each bootstrap replicate
+    (replicates resample probe sequences; see `layer_changes`), fitted on the layers where the point
+    profile is defined; method "basic" reflects the replicate quantiles around the point (2 * slope - q),
+    "percentile" takes them as they are. Its ends are noisy below ~200 replicates.
+  - jackknife (the plug-in metrics cka_linear and procrustes, when d <= n/4): their bias grows as the
+    feature dimension d approaches the number of probe rows n, their bootstrap replicates carry it too,
+    and the simulated coverage of the nominal-95% bootstrap interval fell far below nominal (0.003-0.86
+    for procrustes, 0.17-0.90 for cka_linear in the issue's settings; bench/ci_coverage.py at n=128,
+    d=32: 0.84 and 0.81, where the jackknife gave 0.91 and 0.90 with a bias of the slope of +0.2% instead
+    of -13% and -6%). A delete-a-group jackknife of the slope corrects the O(1/n) bias: with theta the full-set slope and
+    theta_(-g) the slope without group g of G, pseudo-values p_g = G theta - (G-1) theta_(-g); the interval
+    is mean(p) +- t_{G-1} sd(p) / sqrt(G), and `slope_jackknife` = mean(p) is the bias-corrected slope
+    (`slope` stays the plain estimate, comparable across metrics). See `jackknife_interval`.
+  - none (cka_linear, procrustes with d > n/4): no resampling interval was found to cover there, so
+    `slope_ci` is None and `ci_note` says why (`interval_method`).
+- slope_per_layer: the same OLS slope against the layer index l = 0..L (= slope / L when every layer is
+  defined): the change added per layer, as the paper states steepness.
+- steepness: the log-linear growth rate over blocks 1..L, OLS slope of ln(c_l) against depth = e-folds of
+  change per unit depth (exp(k * depth) has steepness k). It is scale-free, unlike the slope, so it
+  compares the shape of metrics with different units. Layer 0 (the embedding output) is excluded: its
+  change is often ~0 (embeddings barely move), and ln of ~0 dominated the fit, so the rate depended on
+  the floor (5.3 at a floor of 1e-2, 11.2 at 1e-6 on a tiny GPT-2). A block with zero change is still
+  floored at STEEPNESS_FLOOR * max(c) (ln(1e-3) = -6.9 below the maximum) to stay finite.
 - width: fraction of layers whose change is at least half the maximum change (1/(L+1) = all change in
-  one layer; 1 = spread evenly). NaN when no layer changed (max <= 0).
+  one layer; 1 = spread evenly). NaN when no layer changed (max <= 0). Relative, so scale-free.
+- width_count: the paper's width, the number of layers (0..L, defined ones) whose change exceeds an
+  absolute threshold (`measure.width_threshold`, default WIDTH_THRESHOLD = 0.1). The threshold is on
+  the metric's own scale: 0.1 means 1 - cos > 0.1 for cosine/cosine_tokens, CKA below 0.9 for the CKA
+  metrics, a Procrustes distance (in [0, 2]) above 0.1; for euclidean (unbounded, in the hidden states'
+  units) and weight_rel (relative weight change) it is only comparable within one model.
 """
 
 from __future__ import annotations
@@ -28,7 +45,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from locality.measure.similarity import PLUGIN_METRICS
+
 STEEPNESS_FLOOR = 1e-3
+WIDTH_THRESHOLD = 0.1
+CI_METHODS = ("basic", "percentile", "jackknife")
 Values = Sequence[float | None] | np.ndarray
 
 
@@ -49,21 +70,109 @@ def ols_slope(x: Values, y: Values) -> float:
     return float(xc @ (y - y.mean())) / sxx if x.size >= 2 and sxx > 0 else math.nan
 
 
-def steepness(depth: Values, values: Values, floor: float = STEEPNESS_FLOOR) -> float:
-    """OLS slope of ln(max(c_l, floor * max c)) against depth: e-folds of change per unit depth."""
+def slope_per_layer(values: Values) -> float:
+    """OLS slope of c_l against the layer index l = 0..L (None/NaN layers dropped)."""
+    return ols_slope(np.arange(len(values), dtype=np.float64), values)
+
+
+def steepness(depth: Values, values: Values, floor: float = STEEPNESS_FLOOR, blocks_only: bool = True) -> float:
+    """OLS slope of ln(max(c_l, floor * max c)) against depth over blocks 1..L: e-folds per unit depth.
+
+    blocks_only=False also fits layer 0 (the embedding output), as before; its near-zero change made the
+    rate depend on the floor. NaN with fewer than 2 defined points or no change at all.
+    """
+    depth, values = list(depth), list(values)
+    if len(depth) != len(values):
+        raise ValueError(f"depth and values must have the same length, got {len(depth)} and {len(values)}")
+    if blocks_only:
+        depth, values = depth[1:], values[1:]
     x, c = _finite(depth, values)
     if c.size < 2 or c.max() <= 0:
         return math.nan
     return ols_slope(x, np.log(np.maximum(c, floor * c.max())))
 
 
+def _defined(values: Values) -> np.ndarray:
+    c = np.asarray([math.nan if v is None else v for v in values], dtype=np.float64)
+    return c[np.isfinite(c)]
+
+
 def width(values: Values) -> float:
     """Fraction of layers (None/NaN dropped) whose change is >= half of the maximum change."""
-    c = np.asarray([math.nan if v is None else v for v in values], dtype=np.float64)
-    c = c[np.isfinite(c)]
+    c = _defined(values)
     if c.size == 0 or c.max() <= 0:
         return math.nan
     return float(np.mean(c >= 0.5 * c.max()))
+
+
+def width_count(values: Values, threshold: float = WIDTH_THRESHOLD) -> int | None:
+    """Number of layers (None/NaN dropped) whose change exceeds `threshold` (strictly); None if none defined."""
+    c = _defined(values)
+    return int(np.sum(c > threshold)) if c.size else None
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t distribution (numpy only): Simpson integration of the density, then bisection.
+
+    Accurate to ~1e-9 for df >= 1 and p in [1e-6, 1 - 1e-6] (t_{0.975, 19} = 2.0930241).
+    """
+    if not 0 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df >= 1, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t: float) -> float:  # P(T <= t) for t >= 0; substitute t = tan(u) so the tail is finite
+        u = np.linspace(0.0, math.atan(t), 4001)
+        f = np.exp(log_c - (df + 1) / 2 * np.log1p(np.tan(u) ** 2 / df)) / np.cos(u) ** 2
+        h = u[1] - u[0]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def jackknife_interval(depth: Values, values: Values, leave_out: np.ndarray,
+                       ci: float = 0.95) -> tuple[list[float] | None, float]:
+    """Delete-a-group jackknife of the slope: ([lo, hi] or None, bias-corrected slope).
+
+    leave_out: [G, L+1] the profile recomputed without each of G groups of probe sequences
+    (`jackknife_changes`). With theta the full-set slope and theta_g the slope of row g (same layers as
+    the point profile; rows not finite there dropped), pseudo-values p_g = G theta - (G-1) theta_g;
+    the interval is mean(p) +- t_{G-1, (1+ci)/2} * sd(p) / sqrt(G) and mean(p) the bias-corrected slope.
+    None / NaN with fewer than 2 usable groups.
+    """
+    theta = ols_slope(depth, values)
+    loo = replicate_slopes(depth, values, leave_out)
+    g = loo.size
+    if g < 2 or not math.isfinite(theta):
+        return None, math.nan
+    pseudo = g * theta - (g - 1) * loo
+    center, se = float(pseudo.mean()), float(pseudo.std(ddof=1)) / math.sqrt(g)
+    half = t_quantile((1 + ci) / 2, g - 1) * se
+    return [center - half, center + half], center
+
+
+def interval_method(metric: str, n_rows: int, dim: int, bootstrap: str = "basic",
+                    plugin: str = "jackknife") -> tuple[str | None, str | None]:
+    """How to give `metric`'s slope an interval, as (method or None, note or None).
+
+    Plug-in metrics (cka_linear, procrustes) with plugin="jackknife": "jackknife" when d <= n/4, else no
+    interval (None) and a note saying why; every other metric, or plugin="bootstrap": `bootstrap`.
+    n_rows: probe rows (examples, or token rows with pooling=tokens); dim: the widest layer's features.
+    """
+    if metric not in PLUGIN_METRICS or plugin == "bootstrap":
+        return bootstrap, None
+    if dim > n_rows / 4:
+        return None, (f"no interval: {metric} is a plug-in statistic, biased as the feature dimension d nears the "
+                      f"probe rows n, and d={dim} > n/4={n_rows / 4:g} here, where resampling intervals undercover "
+                      f"(bench/ci_coverage.py); use cka_debiased or cosine, or >= {4 * dim} probe rows")
+    return "jackknife", None
 
 
 def replicate_slopes(depth: Values, values: Values, replicates: np.ndarray) -> np.ndarray:
@@ -86,33 +195,49 @@ def replicate_slopes(depth: Values, values: Values, replicates: np.ndarray) -> n
 
 
 def profile_stats(depth: Values, values: Values, replicates: np.ndarray | None = None,
-                  ci: float = 0.95, method: str = "percentile") -> dict:
-    """{"slope", "slope_ci": [lo, hi] or None, "steepness", "width"} of one profile, as plain floats.
+                  ci: float = 0.95, method: str | None = "percentile", *, jackknife: np.ndarray | None = None,
+                  width_threshold: float = WIDTH_THRESHOLD, ci_note: str | None = None) -> dict:
+    """Every statistic of one profile, as plain floats (see the module docstring for definitions):
 
-    replicates: [n_boot, L+1] bootstrap values (None or empty: no CI). ci: central level in (0, 1).
-    method: "percentile" (the quantiles q of the replicate slopes) or "basic" (2 * slope - q reversed),
-    which cancels a shift of the replicates relative to the point value (see the module docstring).
+    {"slope", "slope_ci": [lo, hi] or None, "slope_per_layer", "steepness", "width", "width_count",
+     "width_threshold", "slope_jackknife" (bias-corrected, jackknife only, else None), "ci_method" (the method that gave
+     slope_ci, or None), "ci_level" (= ci), "ci_note" (why there is no interval, or None)}.
+
+    method: "percentile" / "basic" use `replicates` ([n_boot, L+1] bootstrap values; None or empty: no
+    CI); "basic" (2 * slope - q reversed) cancels a shift of the replicates relative to the point value.
+    "jackknife" uses `jackknife` ([G, L+1] leave-one-group-out values, `jackknife_changes`). None: no
+    interval (give the reason in ci_note). ci: central level in (0, 1).
     """
     if not 0 < ci < 1:
         raise ValueError(f"ci is a central coverage level in (0, 1), e.g. 0.95; got {ci}")
-    if method not in ("percentile", "basic"):
-        raise ValueError(f"method must be 'percentile' or 'basic', got {method!r}")
+    if method is not None and method not in CI_METHODS:
+        raise ValueError(f"method must be one of {CI_METHODS} or None, got {method!r}")
     slope = ols_slope(depth, values)
-    slope_ci = None
-    if replicates is not None and np.size(replicates):
+    slope_ci, slope_jackknife = None, None
+    if method == "jackknife":
+        if jackknife is None:
+            raise ValueError("method='jackknife' needs the leave-one-group-out values (jackknife=...)")
+        slope_ci, slope_jackknife = jackknife_interval(depth, values, jackknife, ci)
+    elif method is not None and replicates is not None and np.size(replicates):
         slopes = replicate_slopes(depth, values, replicates)
         if slopes.size:
             lo, hi = np.percentile(slopes, [50 * (1 - ci), 50 * (1 + ci)])
             slope_ci = [float(lo), float(hi)] if method == "percentile" else [2 * slope - hi, 2 * slope - lo]
-    return {"slope": slope, "slope_ci": slope_ci, "steepness": steepness(depth, values), "width": width(values)}
+    return {"slope": slope, "slope_ci": slope_ci, "slope_per_layer": slope_per_layer(values),
+            "steepness": steepness(depth, values), "width": width(values),
+            "width_count": width_count(values, width_threshold), "width_threshold": width_threshold,
+            "slope_jackknife": slope_jackknife,
+            "ci_method": method if slope_ci is not None else None, "ci_level": ci,
+            "ci_note": ci_note if slope_ci is None else None}
 
 
 def profiles(depth: Values, changes: Mapping[str, Values | tuple], ci: float = 0.95,
-             method: str = "percentile") -> dict[str, dict]:
+             method: str = "percentile", width_threshold: float = WIDTH_THRESHOLD) -> dict[str, dict]:
     """`profile_stats` for every metric of a dict: values alone, or (values, replicates) such as
-    the `LayerChange` tuples returned by `layer_changes`."""
+    the `LayerChange` tuples returned by `layer_changes` and `token_change`."""
     out = {}
     for metric, change in changes.items():
         values, replicates = change if isinstance(change, tuple) else (change, None)
-        out[metric] = profile_stats(depth, values, replicates, ci=ci, method=method)
+        out[metric] = profile_stats(depth, values, replicates, ci=ci, method=method,
+                                    width_threshold=width_threshold)
     return out

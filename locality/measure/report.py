@@ -6,36 +6,62 @@ import warnings
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
-TABLE_METRICS = ("cosine", "cka_linear", "cka_debiased", "procrustes", "weight_rel")
+TABLE_METRICS = ("cosine", "cosine_tokens", "cka_linear", "cka_debiased", "procrustes", "weight_rel")
+PROFILE_SCALARS = ("slope", "slope_per_layer", "slope_jackknife", "steepness", "width", "width_count")
 
 
 def _fmt(value) -> str:
     return "      -" if value is None else f"{value:7.4f}"
 
 
+def _signed(value, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:+{width}.4f}"
+
+
+def _level(results: dict) -> str:
+    """The configured interval level, e.g. '95%' (from the profile entries; never assumed)."""
+    levels = {stats.get("ci_level") for stats in results["profile"].values()} - {None}
+    return "/".join(f"{100 * level:g}%" for level in sorted(levels)) or "no"
+
+
 def format_profile(results: dict) -> str:
     change, depth = results["change"], results["depth"]
     grad = [None, *results["init"].get("grad_rel", [])]
     metrics = [m for m in TABLE_METRICS if m in change]
-    head = f"{'layer':>5} {'depth':>6} " + " ".join(f"{m[:12]:>12}" for m in metrics) + f" {'grad@0':>10}"
+    head = f"{'layer':>5} {'depth':>6} " + " ".join(f"{m[:13]:>13}" for m in metrics) + f" {'grad@0':>10}"
     lines = [f"Depth profile of {results['run']['name']} "
              f"({results['run']['n_layers']} blocks; change of the probe set's representations, pre vs post)",
              head, "-" * len(head)]
     for layer, d in enumerate(depth):
-        cells = " ".join(f"{_fmt(change[m][layer]):>12}" for m in metrics)
+        cells = " ".join(f"{_fmt(change[m][layer]):>13}" for m in metrics)
         grad_cell = "-" if grad[layer] is None else f"{grad[layer]:.3e}"
         lines.append(f"{layer:>5} {d:6.3f} {cells} {grad_cell:>10}")
     lines.append("")
-    lines.append(f"{'metric':<14} {'slope':>9}  {'95% CI':>21} {'steepness':>10} {'width':>6}")
+    lines.append(f"{'metric':<14} {'slope':>9}  {_level(results) + ' CI':>21} {'method':>9} {'per layer':>10} "
+                 f"{'steepness':>10} {'width':>6} {'count':>5}")
+    notes = {}
     for metric, stats in results["profile"].items():
         ci = stats.get("slope_ci")
-        ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "(no bootstrap)"
-        lines.append(f"{metric:<14} {stats['slope']:+9.4f}  {ci_text:>21} {_fmt(stats['steepness']):>10} "
-                     f"{stats['width']:6.2f}")
+        ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "(none)"
+        if not ci and stats.get("ci_note") and metric != "weight_rel":
+            notes[metric] = stats["ci_note"]
+        width = stats.get("width")
+        count = stats.get("width_count")
+        lines.append(f"{metric:<14} {_signed(stats['slope'], 9)}  {ci_text:>21} {stats.get('ci_method') or '-':>9} "
+                     f"{_signed(stats.get('slope_per_layer'), 10)} {_fmt(stats['steepness']):>10} "
+                     f"{'-' if width is None else f'{width:.2f}':>6} {'-' if count is None else count:>5}")
+    thresholds = {stats.get("width_threshold") for stats in results["profile"].values()} - {None}
+    lines.append("slope: vs depth l/L; per layer: vs l; steepness: log-linear rate over blocks 1..L; width: "
+                 "fraction of layers >= half the max; count: layers above the width threshold"
+                 + (f" ({'/'.join(f'{t:g}' for t in sorted(thresholds))})" if thresholds else ""))
+    for metric, note in notes.items():
+        lines.append(f"{metric}: {note}")
     init, final = results["init"], results["final"]
     grad_slope = init.get("grad_rel_slope")
     lines.append("")
     lines.append(f"step 0: loss {init['loss']:.4f}" + (f", acc {init['acc']:.4f}" if "acc" in init else "")
+                 + (f", KL {init['kl']:.4f} nats (normalized {init['kl_norm']:.4f}, {init.get('kl_source')})"
+                    if init.get("kl") is not None and init.get("kl_norm") is not None else "")
                  + (f", gradient-profile slope {grad_slope:+.3e}" if grad_slope is not None else "")
                  + "   |   final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
                                                   if isinstance(v, float)))
@@ -45,7 +71,7 @@ def format_profile(results: dict) -> str:
 def profile_scalars(results: dict) -> dict[str, float]:
     scalars = {}
     for metric, stats in results["profile"].items():
-        for key in ("slope", "steepness", "width"):
+        for key in PROFILE_SCALARS:
             if stats.get(key) is not None:
                 scalars[f"profile/{metric}/{key}"] = stats[key]
         if stats.get("slope_ci"):

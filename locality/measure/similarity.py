@@ -5,6 +5,9 @@ The numerical core of measurement. Every function takes row-paired features X [n
 same probe example) and computes in float64 after centering the columns, before any Gram or
 cross-covariance matrix is formed. `layer_changes` is what a training run calls: it turns per-layer
 features before and after fine-tuning into a depth profile of change with bootstrap replicates.
+`token_change` does the same for `cosine_tokens` (the paper's measure: 1 - cos over every non-pad token)
+from per-sequence sums, with the same bootstrap draws; `jackknife_changes` gives the leave-one-group-out
+values of the plug-in metrics (cka_linear, procrustes) for their bias-corrected jackknife interval.
 
 Conventions: CKA functions return similarities (1 = identical up to rotation and scale); the "change"
 metrics in `layer_changes` are oriented so that larger = more change. Undefined values (a layer with
@@ -26,7 +29,10 @@ Features = torch.Tensor | np.ndarray
 
 CHANGE_METRICS = ("cosine", "cka_linear", "cka_debiased", "procrustes", "euclidean")
 FEATURE_METRICS = ("dot", "norm_ratio")  # Ren et al. 2023 feature statistics, not oriented as change
-METRICS = CHANGE_METRICS + FEATURE_METRICS
+METRICS = CHANGE_METRICS + FEATURE_METRICS  # what `layer_changes` computes from pooled features
+TOKEN_METRICS = ("cosine_tokens",)  # from per-token states during capture (`token_change`), not pooled features
+MEASURE_METRICS = METRICS + TOKEN_METRICS  # every name `measure.metrics` accepts
+PLUGIN_METRICS = ("cka_linear", "procrustes")  # plug-in statistics biased by O(d/n): jackknife intervals
 _ROWWISE = ("cosine", "euclidean", "dot", "norm_ratio")
 _EPS = torch.finfo(torch.float64).eps
 _TINY = torch.finfo(torch.float64).tiny  # safe denominators: features may be tiny, never clamp them to eps
@@ -240,24 +246,50 @@ def bootstrap_indices(n_units: int, n_boot: int, seed: int) -> torch.Tensor:
     return torch.randint(0, n_units, (n_boot, n_units), generator=generator)
 
 
+def _draw_counts(indices: torch.Tensor, n_units: int) -> torch.Tensor:
+    """counts[b, u] = how often unit u was drawn in replicate b (float64)."""
+    counts = torch.zeros(indices.shape[0], n_units, dtype=torch.float64)
+    return counts.scatter_add_(1, indices, torch.ones_like(indices, dtype=torch.float64))
+
+
+def jackknife_groups(n_units: int, n_groups: int, seed: int) -> torch.Tensor:
+    """Group id 0..G-1 of every unit, G = min(n_groups, n_units): a seeded shuffle dealt round-robin, so
+    group sizes differ by at most one and no group follows the probe set's order."""
+    if n_groups < 2 or n_units < 2:
+        raise ValueError(f"a jackknife needs at least 2 groups of at least 2 units, got {n_groups} and {n_units}")
+    order = torch.randperm(n_units, generator=torch.Generator().manual_seed(seed))
+    group = torch.empty(n_units, dtype=torch.long)
+    group[order] = torch.arange(n_units) % min(n_groups, n_units)
+    return group
+
+
+def _leave_one_out_counts(group: torch.Tensor) -> torch.Tensor:
+    """[G, n_units] 0/1 weights: row g keeps every unit outside group g."""
+    n_groups = int(group.max()) + 1
+    return (group[None, :] != torch.arange(n_groups)[:, None]).double()
+
+
 class _Resample:
     """Bootstrap replicates as count vectors, so a statistic of resampled rows is an algebraic function
     of the counts and of matrices computed once on the original rows.
 
     Units (probe examples) are resampled; rows belong to units via `unit_of_row` (one row per unit
-    unless token-level rows are grouped). counts[b, u] = times unit u was drawn in replicate b, and
-    rows[b, i] = counts of row i's unit.
+    unless token-level rows are grouped). counts[b, u] = times unit u was drawn in replicate b (the
+    jackknife's leave-one-group-out resamples are 0/1 counts), and rows[b, i] = counts of row i's unit.
     """
 
-    def __init__(self, indices: torch.Tensor, unit_of_row: torch.Tensor, device: str | torch.device):
-        n_boot, n_units = indices.shape
-        counts = torch.zeros(n_boot, n_units, dtype=torch.float64)
-        counts.scatter_add_(1, indices, torch.ones_like(indices, dtype=torch.float64))
+    def __init__(self, counts: torch.Tensor, unit_of_row: torch.Tensor, device: str | torch.device):
+        n_units = counts.shape[1]
         self.unit_of_row = unit_of_row.to(device)
         self.counts = counts.to(device)
         self.rows = self.counts[:, self.unit_of_row]
         self.n = self.rows.sum(1)  # rows per replicate
         self.grouped = n_units != unit_of_row.numel()
+
+    @classmethod
+    def draws(cls, indices: torch.Tensor, unit_of_row: torch.Tensor, device: str | torch.device) -> _Resample:
+        """From drawn unit indices [n_boot, n_units] (`bootstrap_indices`)."""
+        return cls(_draw_counts(indices, int(unit_of_row.max()) + 1), unit_of_row, device)
 
     def _sum_by_unit(self, A: torch.Tensor) -> torch.Tensor:
         """Sum the rows of A [n, m] that belong to the same unit: [n_units, m]."""
@@ -400,28 +432,101 @@ def layer_changes(pre: Sequence[Features], post: Sequence[Features], metrics: Se
         replicates narrow the Monte Carlo error of the CI ends at proportional cost; or use a CUDA `device`.
     Layers run in parallel threads, each with single-threaded torch (see `_single_threaded_torch`).
     """
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown}; valid metrics: {', '.join(METRICS)}")
-    if len(pre) != len(post) or not pre:
-        raise ValueError(f"pre and post must hold the same number (>= 1) of layers, got {len(pre)} and {len(post)}")
     if n_boot < 0 or (n_boot_procrustes is not None and n_boot_procrustes < 0):
         raise ValueError("n_boot and n_boot_procrustes must be >= 0")
-    n = pre[0].shape[0]
-    unit_of_row = _units(groups, n)
+    unit_of_row, device = _prepare(pre, post, metrics, groups, device)
     n_units = int(unit_of_row.max()) + 1
-    if device is None:
-        device = pre[0].device if isinstance(pre[0], torch.Tensor) else "cpu"
-    resample = _Resample(bootstrap_indices(n_units, n_boot, seed), unit_of_row, device)
+    resample = _Resample.draws(bootstrap_indices(n_units, n_boot, seed), unit_of_row, device)
     n_proc = n_boot if n_boot_procrustes is None else min(n_boot, n_boot_procrustes)
+    return _per_layer(pre, post, metrics, unit_of_row, resample, n_proc, device)
 
-    layers = list(zip(pre, post, strict=True))
-    for layer, (x, y) in enumerate(layers):
+
+def jackknife_changes(pre: Sequence[Features], post: Sequence[Features], metrics: Sequence[str] = PLUGIN_METRICS,
+                      n_groups: int = 32, seed: int = 0, *, groups: Sequence[int] | torch.Tensor | None = None,
+                      device: str | torch.device | None = None) -> dict[str, np.ndarray]:
+    """Leave-one-group-out change values for a delete-a-group jackknife: {metric: [G, L+1] ndarray}.
+
+    Units (probe examples, or the `groups` of rows as in `layer_changes`) are dealt into G =
+    min(n_groups, units) groups by `jackknife_groups(units, n_groups, seed)`; row g holds each layer's
+    metric on the probe set without group g (features re-centered on the rows kept; exact, via the same
+    count-vector formulas as the bootstrap, with 0/1 counts). `locality.measure.profile.jackknife_interval`
+    turns these into a bias-corrected interval for the profile's slope. Cost: G evaluations per layer;
+    cheap for CKA, one d x d eigendecomposition per group and layer for Procrustes.
+    """
+    unit_of_row, device = _prepare(pre, post, metrics, groups, device)
+    leave_out = _leave_one_out_counts(jackknife_groups(int(unit_of_row.max()) + 1, n_groups, seed))
+    resample = _Resample(leave_out, unit_of_row, device)
+    changes = _per_layer(pre, post, metrics, unit_of_row, resample, leave_out.shape[0], device)
+    return {m: change.replicates for m, change in changes.items()}
+
+
+def token_change(sums: Features, counts: Features, n_boot: int = 1000, seed: int = 0) -> LayerChange:
+    """A token-weighted mean change per layer, with bootstrap replicates that resample whole sequences.
+
+    sums: [n_seq, L+1] per-sequence sums of a per-token change (e.g. 1 - cos of every non-pad token, from
+    `locality.measure.capture.capture_token_change`); counts: [n_seq] tokens per sequence. The value of
+    layer l is sum_i sums[i, l] / sum_i counts[i], the mean over all tokens. Replicate b is the same ratio
+    over the sequences drawn by `bootstrap_indices(n_seq, n_boot, seed)[b]`, with multiplicity: the draws
+    that `layer_changes` uses when its units are these probe sequences (pooling mean/last/first: one row
+    per sequence; pooling tokens: rows grouped by sequence), so replicate b of every metric describes the
+    same resample and their profiles can be compared replicate by replicate.
+    """
+    S = _f64(sums, "sums").cpu()
+    c = torch.as_tensor(np.asarray(counts) if not isinstance(counts, torch.Tensor) else counts)
+    c = c.detach().reshape(-1).to("cpu", torch.float64)
+    if c.numel() != S.shape[0]:
+        raise ValueError(f"counts must give one token count per sequence (row of sums): got {c.numel()} for "
+                         f"{S.shape[0]} sequences")
+    if n_boot < 0:
+        raise ValueError("n_boot must be >= 0")
+    total = c.sum()
+    values = [float(v) for v in (S.sum(0) / total)] if total > 0 else [math.nan] * S.shape[1]
+    drawn = _draw_counts(bootstrap_indices(S.shape[0], n_boot, seed), S.shape[0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        replicates = ((drawn @ S) / (drawn @ c)[:, None]).numpy()
+    return LayerChange(values, replicates)
+
+
+def token_cosine_sums(pre: torch.Tensor, post: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence sums of 1 - cos(pre, post) over the non-pad tokens: [batch] float64 on their device.
+
+    pre, post: [batch, seq, d] hidden states of the same tokens; mask: [batch, seq], nonzero = a real
+    token (any padding side). The per-token value is `cosine_distance`'s (float64; two zero vectors = 0).
+    """
+    keep = mask.to(pre.device).bool()
+    rows = keep.nonzero()[:, 0]
+    dist = _rowwise("cosine", pre[keep].to(torch.float64), post[keep].to(torch.float64))
+    return torch.zeros(pre.shape[0], dtype=torch.float64, device=pre.device).index_add_(0, rows, dist)
+
+
+def _prepare(pre: Sequence[Features], post: Sequence[Features], metrics: Sequence[str],
+             groups: Sequence[int] | torch.Tensor | None,
+             device: str | torch.device | None) -> tuple[torch.Tensor, str | torch.device]:
+    """Validate paired layers and metrics; return each row's resampling unit and the compute device."""
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        hint = (" (cosine_tokens needs per-token states: `token_change` on the sums of `capture_token_change`)"
+                if set(unknown) & set(TOKEN_METRICS) else "")
+        raise ValueError(f"unknown metric(s) {unknown}; valid metrics: {', '.join(METRICS)}{hint}")
+    if len(pre) != len(post) or not pre:
+        raise ValueError(f"pre and post must hold the same number (>= 1) of layers, got {len(pre)} and {len(post)}")
+    n = pre[0].shape[0]
+    for layer, (x, y) in enumerate(zip(pre, post, strict=True)):
         if x.shape[0] != n or y.shape[0] != n:
             raise ValueError(f"layer {layer} has {x.shape[0]} (pre) and {y.shape[0]} (post) rows but layer 0 has "
                              f"{n}: every layer needs the same probe examples")
+    if device is None:
+        device = pre[0].device if isinstance(pre[0], torch.Tensor) else "cpu"
+    return _units(groups, n), device
 
-    full = _Resample(torch.arange(n_units)[None], unit_of_row, device)  # the probe set itself
+
+def _per_layer(pre: Sequence[Features], post: Sequence[Features], metrics: Sequence[str], unit_of_row: torch.Tensor,
+               resample: _Resample, n_proc: int, device: str | torch.device) -> dict[str, LayerChange]:
+    """Point values and `resample` replicates of every metric, layers in parallel threads."""
+    n_units = int(unit_of_row.max()) + 1
+    n = unit_of_row.numel()
+    layers = list(zip(pre, post, strict=True))
+    full = _Resample(torch.ones(1, n_units, dtype=torch.float64), unit_of_row, device)  # the probe set itself
 
     def one_layer(pair: tuple[Features, Features]) -> dict[str, tuple[float, torch.Tensor]]:
         X, Y = _pair(*pair, min_rows=4 if "cka_debiased" in metrics else 2)

@@ -17,9 +17,26 @@ def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def snapshot_blocks(blocks: nn.ModuleList) -> list[dict[str, torch.Tensor]]:
-    """A CPU float32 copy of every block's effective weights (the pretrained reference)."""
+def snapshot_blocks(blocks: nn.ModuleList, base: nn.Module | None = None,
+                    snapshot: dict[str, torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+    """A CPU float32 copy of every block's effective weights (the pretrained reference).
+
+    With `snapshot` (`snapshot_parameters(base)`, taken at the same weights), the blocks' tensors are read
+    from it instead: no second copy when the snapshot is already float32.
+    """
+    if snapshot is not None and base is not None:
+        prefix = {id(m): f"{name}." for name, m in base.named_modules()}
+        states = [block_state(b) for b in blocks]
+        if all(f"{prefix.get(id(b), '?')}{k}" in snapshot for b, state in zip(blocks, states, strict=True)
+               for k in state):
+            return [{k: snapshot[f"{prefix[id(b)]}{k}"].float() for k in state}
+                    for b, state in zip(blocks, states, strict=True)]
     return [{k: v.to("cpu", torch.float32, copy=True) for k, v in block_state(b).items()} for b in blocks]
+
+
+def snapshot_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of every parameter of `module` by name, in its own dtype (shared parameters once)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in module.named_parameters()}
 
 
 @torch.no_grad()

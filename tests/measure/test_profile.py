@@ -43,8 +43,12 @@ def test_profile_stats_of_hand_made_profiles():
     for k in (-2.0, 0.0, 3.0):
         assert steepness(DEPTH, [math.exp(k * x) for x in DEPTH]) == pytest.approx(k, abs=1e-12)
         assert steepness(DEPTH, [4.2 * math.exp(k * x) for x in DEPTH]) == pytest.approx(k, abs=1e-12)
-    zero_start = steepness([0, 0.5, 1], [0.0, 0.5, 1.0])  # layer 0 floored at 1e-3 * max
-    assert zero_start == pytest.approx(-math.log(1e-3), abs=1e-12)
+    zero_start = steepness([0, 0.5, 1], [0.0, 0.5, 1.0])  # layer 0 (the embeddings) is not fitted
+    assert zero_start == pytest.approx(math.log(2) / 0.5, abs=1e-12)
+    zero_block = steepness([0, 0.5, 1], [0.2, 0.0, 1.0])  # a block with zero change: floored at 1e-3 * max
+    assert zero_block == pytest.approx(-math.log(1e-3) / 0.5, abs=1e-12)
+    old = steepness([0, 0.5, 1], [0.0, 0.5, 1.0], blocks_only=False)  # the former fit, layer 0 floored
+    assert old == pytest.approx(-math.log(1e-3), abs=1e-12)
 
 
 def test_none_layers_are_dropped_everywhere():
@@ -93,7 +97,9 @@ def test_bootstrap_ci_of_a_clean_linear_profile_contains_the_slope():
         lo, hi = s["slope_ci"]
         assert lo < s["slope"] < hi, metric
         assert s["slope"] > 0 and lo > 0, metric
-    assert set(stats["cosine"]) == {"slope", "slope_ci", "steepness", "width"}
+    assert set(stats["cosine"]) == {"slope", "slope_ci", "slope_per_layer", "steepness", "width", "width_count",
+                                    "width_threshold", "slope_jackknife", "ci_method", "ci_level", "ci_note"}
+    assert stats["cosine"]["ci_method"] == "percentile" and stats["cosine"]["ci_level"] == 0.95
     plain = profiles(DEPTH, {"cosine": changes["cosine"].values})
     assert plain["cosine"]["slope_ci"] is None
     assert plain["cosine"]["slope"] == stats["cosine"]["slope"]
