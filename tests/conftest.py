@@ -11,6 +11,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# tiny_* presets start from an offline-pretrained checkpoint (locality.pretrain), pretrained on first use into the
+# session's cache: a few steps keep that fast while every test still takes the real path (the step count is part
+# of the cache key, so this never touches a real checkpoint). tests/test_pretrain.py raises it where it matters.
+os.environ.setdefault("LOCALITY_PRETRAIN_STEPS", "8")
 
 FAST = ["trainer=smoke", "measure=fast", "logger=none", "data.batch_size=4", "data.eval_batch_size=32",
         "data.n_validation=16", "objective.max_length=32"]

@@ -18,6 +18,14 @@ EXPECTED = {  # preset: (family, block_type, n_layers, blocks_path)
     "tiny_roberta": ("encoder", "sequential", 4, "encoder.layer"),
     "tiny_mamba": ("ssm", "recurrent", 3, "layers"),
     "tiny_rwkv": ("rnn", "recurrent", 3, "blocks"),
+    "tiny_gpt2_l": ("decoder", "sequential", 6, "h"),
+    "tiny_opt_l": ("decoder", "sequential", 6, "decoder.layers"),
+    "tiny_pythia_l": ("decoder", "parallel", 6, "layers"),
+    "tiny_codegen_l": ("decoder", "parallel", 6, "h"),
+    "tiny_bert_l": ("encoder", "sequential", 6, "encoder.layer"),
+    "tiny_roberta_l": ("encoder", "sequential", 6, "encoder.layer"),
+    "tiny_mamba_l": ("ssm", "recurrent", 4, "layers"),
+    "tiny_rwkv_l": ("rnn", "recurrent", 4, "blocks"),
 }
 
 
@@ -27,11 +35,12 @@ def spec(preset: str, **changes) -> ModelConf:
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))
 def test_block_discovery(preset):
-    backbone = load_backbone(spec(preset))
+    init = "random" if preset.endswith("_l") else "pretrained"  # the larger sizes: same code, no pretraining
+    backbone = load_backbone(spec(preset, init=init))
     family, block_type, n_layers, path = EXPECTED[preset]
     assert (backbone.family, backbone.block_type, backbone.n_layers, backbone.blocks_path) == (
         family, block_type, n_layers, path)
-    assert not backbone.pretrained
+    assert backbone.pretrained == (init == "pretrained") and backbone.init_from.startswith(init)
     # encoders have no final norm; BERT's pooler is `unused` (tests/test_parts.py lists every part's modules)
     assert set(backbone.parts()) == ({"embeddings", "unused"} if family == "encoder" else {"embeddings", "final_norm"})
     block_params = {id(p) for b in backbone.blocks for p in b.parameters()}

@@ -2,6 +2,16 @@
 
 Docstrings are read with `ast` from the standard library's source files (nothing is imported), so the
 corpus is deterministic for a given Python version and needs no network.
+
+Pretraining and fine-tuning text never overlap. The offline pretraining corpus of the tiny presets
+(`python -m locality.pretrain`, `pretraining_texts()`) is every `pydoc_topics` paragraph plus the
+standard-library docstrings in the *pretraining part*: a fixed one in `PRETRAIN_SHARE` of them, chosen by
+a salted hash of the docstring's text (`in_pretraining_part`), so the choice depends on nothing but the
+text. The `stdlib_docs` fine-tuning dataset is the other docstrings (`finetuning_docstrings()`); near-
+duplicates were dropped before the split, so no docstring has a twin on the other side, and no docstring
+occurs inside a pydoc paragraph. `pydoc_topics` is pretraining text: fine-tuning a pretrained tiny model on
+it continues pretraining on seen text. (The `corpus_bpe` tokenizer's merges are learned from all of this
+text, the fine-tuning docstrings included: a vocabulary, no weights.)
 """
 
 from __future__ import annotations
@@ -98,3 +108,34 @@ def pydoc_paragraphs(min_chars: int = 200) -> tuple[str, ...]:
         if len(buffer) >= MIN_CHARS:
             chunks.append(buffer)
     return tuple(dict.fromkeys(chunks))
+
+
+# The pretraining/fine-tuning split of the docstrings (see the module docstring). Changing any of these
+# changes the pretraining corpus and so every pretrained tiny checkpoint's cache key.
+PRETRAIN_SHARE = 4  # one docstring in PRETRAIN_SHARE goes to pretraining
+_PRETRAIN_SALT = b"locality.pretrain/1:"
+
+
+def in_pretraining_part(text: str) -> bool:
+    """Whether a docstring belongs to the pretraining corpus (else to the `stdlib_docs` fine-tuning data).
+
+    Salted, so the choice is independent of the hash order that draws probe/validation sets."""
+    return int(hashlib.sha1(_PRETRAIN_SALT + text.encode()).hexdigest()[:8], 16) % PRETRAIN_SHARE == 0
+
+
+def finetuning_docstrings() -> tuple[tuple[str, str], ...]:
+    """(package, docstring) pairs of the `stdlib_docs` dataset: the docstrings outside the pretraining part."""
+    return tuple(pair for pair in stdlib_docstrings() if not in_pretraining_part(pair[1]))
+
+
+def pretraining_texts() -> tuple[str, ...]:
+    """The offline pretraining corpus: every pydoc topic paragraph, then the pretraining part of the docstrings."""
+    return pydoc_paragraphs() + tuple(doc for _, doc in stdlib_docstrings() if in_pretraining_part(doc))
+
+
+def pretraining_corpus_version() -> str:
+    """A fingerprint of the pretraining texts (they depend on the Python version), for cache keys."""
+    digest = hashlib.sha1(_PRETRAIN_SALT)
+    for text in pretraining_texts():
+        digest.update(hashlib.sha1(text.encode()).digest())
+    return digest.hexdigest()[:12]
