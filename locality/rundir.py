@@ -1,4 +1,5 @@
-"""The run directory contract: config.yaml, results.json (written atomically, last), checkpoints/, wandb/.
+"""The run directory contract: config.yaml, results.json (written atomically, last), checkpoints/, wandb/,
+and failed.json when a run fails.
 
 A run directory's name is derived from its resolved config (see `locality.identity`), so re-launching the
 same run or sweep finds its earlier work: a complete run (results.json present) is skipped, an
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +44,47 @@ class RunDir:
         return self.results_path.is_file()
 
     def last_checkpoint(self) -> str | None:
-        last = self.checkpoints / "last.ckpt"
-        return str(last) if last.is_file() else None
+        """The checkpoint a relaunch resumes from: last.ckpt, or previous.ckpt (the one before it, kept by
+        `locality.resume.KeepPreviousCheckpoint`) when the run was killed while writing a new last.ckpt."""
+        for name in ("last.ckpt", "previous.ckpt"):
+            if (self.checkpoints / name).is_file():
+                return str(self.checkpoints / name)
+        return None
+
+    def check_checkpoint(self) -> None:
+        """Before anything is loaded: a checkpoint that cannot be read is reported with the way out (UserError)
+        instead of PyTorch's zip error on every relaunch."""
+        path = self.last_checkpoint()
+        if path is None:
+            return
+        step, problem = _checkpoint_step(Path(path))
+        if problem is None:
+            if Path(path).name != "last.ckpt":
+                print(f"locality: resuming from {path} (step {step}): the run was interrupted while writing "
+                      "last.ckpt.", file=sys.stderr)
+            return
+        previous = self.checkpoints / "previous.ckpt"
+        previous_step = _checkpoint_step(previous)[0] if Path(path) != previous and previous.is_file() else None
+        if previous_step is not None:
+            way = (f"To resume from the checkpoint kept before it (previous.ckpt, step {previous_step}), put it in "
+                   f"its place (mv {previous} {path}) and relaunch the same command; or add force=true to start "
+                   "the run over.")
+        else:
+            way = "No earlier checkpoint is readable: add force=true to start the run over."
+        raise UserError(f"The run's checkpoint {path} cannot be read ({problem}), so the run cannot resume from "
+                        f"it: it was probably cut short while being written (the process killed, the disk full, "
+                        f"an interrupted copy). {way}")
+
+    @property
+    def failed_path(self) -> Path:
+        return self.path / "failed.json"
+
+    def write_failure(self, error: BaseException, step: int | None) -> None:
+        """failed.json: why and at which step the run stopped, with the traceback; never a results.json."""
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        trace = "".join(traceback.format_exception(error))
+        write_json_atomic(self.failed_path, {"reason": reason, "step": step, "type": type(error).__name__,
+                                             "traceback": trace})
 
     def start_over(self) -> None:
         """Forget a previous attempt (force=true): its results and checkpoints must not be resumed."""
@@ -79,6 +121,19 @@ class RunDir:
         if results.get("schema") != SCHEMA:
             raise ValueError(f"results must carry schema {SCHEMA!r}")
         write_json_atomic(self.results_path, results)
+        self.failed_path.unlink(missing_ok=True)  # an earlier attempt's failure is resolved
+
+
+def _checkpoint_step(path: Path) -> tuple[int | None, str | None]:
+    """(global step, None) for a readable checkpoint, (None, what is wrong) otherwise. Memory-mapped: the
+    tensors are not read, only the file's structure and the pickled state."""
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return int(checkpoint["global_step"]), None
+    except Exception as err:  # a truncated zip, a bad pickle, a missing key: all mean "cannot resume"
+        return None, " ".join(f"{type(err).__name__}: {err}".split())[:200]
 
 
 def _get(cfg: DictConfig, dotted: str):
@@ -86,10 +141,23 @@ def _get(cfg: DictConfig, dotted: str):
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file. The file gets
+    the permissions a plain `open` would give under the user's umask (mkstemp's are 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_finite(payload), f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_finite(payload), f, indent=1)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _finite(value: Any) -> Any:

@@ -296,6 +296,9 @@ class UpdateRatioMonitor(Control):
 
     `enabled` (default True) may be switched between steps, e.g. to start the control after a warm-up;
     it is read when a step begins (the pre-hook), and a step that took a snapshot is always completed.
+
+    The history (and `enabled`) is saved with every checkpoint (`state_dict`), so the summary of a resumed
+    run covers all of its steps.
     """
 
     name = "update_ratio"
@@ -310,6 +313,7 @@ class UpdateRatioMonitor(Control):
         self.core: EqualStepCore | None = None
         self._handles: list[RemovableHandle] = []
         self._steps_at_batch_start = 0
+        self._restored: dict[str, Any] | None = None
 
     @property
     def layer_names(self) -> list[str]:
@@ -352,6 +356,31 @@ class UpdateRatioMonitor(Control):
             owners[0].register_step_pre_hook(self._before_step),
             owners[0].register_step_post_hook(self._after_step),
         ]
+        self._restore()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The per-step history `summary()` is computed from, saved with every checkpoint."""
+        if self.core is None:
+            return dict(self._restored or {})
+        return {"layers": self.layer_names, "steps": self.core.steps, "history": self.core.history,
+                "enabled": self.enabled}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks before `on_fit_start` builds the core (after it under FSDP2).
+        self._restored = dict(state_dict)
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._restored is None or self.core is None or "history" not in self._restored:
+            return
+        state, self._restored = self._restored, None
+        if list(state["layers"]) != self.layer_names:
+            raise ValueError(f"{type(self).__name__}: the checkpoint's history covers layers {state['layers']}, "
+                             f"this model has {self.layer_names}; it cannot be resumed with this control.")
+        self.core._pending.clear()
+        self.core._history = [state["history"].float().cpu()] if len(state["history"]) else []
+        self.core.steps = int(state["steps"])
+        self.enabled = bool(state.get("enabled", True))
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.enabled:

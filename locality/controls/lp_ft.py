@@ -23,6 +23,12 @@ class LPFT(Control):
                  smoothing: float = 0.9):
         if probe_steps < 0:
             raise ValueError(f"lp_ft probe_steps must be >= 0, got {probe_steps}")
+        if target_acc is not None and not 0 < target_acc <= 1:
+            raise ValueError(f"lp_ft target_acc={target_acc} must be an accuracy in (0, 1] (or null).")
+        if target_loss is not None and not target_loss > 0:
+            raise ValueError(f"lp_ft target_loss={target_loss} must be a loss > 0 (or null).")
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"lp_ft smoothing={smoothing} must be in [0, 1).")
         self.probe_steps = probe_steps
         self.target_acc = target_acc
         self.target_loss = target_loss
@@ -74,11 +80,15 @@ class LPFT(Control):
         pl_module.log_dict({f"lp_ft/{k}": float(v) for k, v in self.energy.items() if v is not None})
 
     def state_dict(self) -> dict:
-        return {"switched_at": self.switched_at, "energy": self.energy}
+        """The phase (probing until `switched_at`), the energy at the switch and the running loss and accuracy
+        that decide when probing ends: a run resumed while probing switches at the same step."""
+        return {"switched_at": self.switched_at, "energy": self.energy, "loss": self._loss, "acc": self._acc}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.switched_at = state_dict["switched_at"]
         self.energy = state_dict["energy"]
+        self._loss = state_dict.get("loss")
+        self._acc = state_dict.get("acc")
 
     def summary(self) -> dict:
         return {"probe_steps": self.probe_steps, **self.energy}

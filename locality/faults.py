@@ -1,0 +1,56 @@
+"""Faults during a run: stop at the first non-finite loss, before a checkpoint can store broken weights.
+
+A NaN or infinite training loss means every later step, checkpoint and measurement is meaningless (the
+weights become NaN after the next update). `StopOnNonFiniteLoss` raises `NonFiniteLoss` in
+`on_train_batch_end` of a checkpoint step, which Lightning runs before `ModelCheckpoint` saves, so
+`last.ckpt` keeps the last finite weights; `locality.train` then writes failed.json (reason and step) and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float):
+        self.step = step
+        super().__init__(
+            f"the training loss became {loss} at step {step}. Training stopped there; checkpoints/last.ckpt holds "
+            "the last finite weights. Lower optim.lr, keep trainer.gradient_clip_val, or use float32 parameters "
+            "(model.dtype=float32) with trainer.precision=bf16-mixed.")
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Checks every step's loss on its device (no host sync) and reads the verdict only when it matters: on
+    the steps where a checkpoint may be saved or metrics logged, and at the end. The reported step is the
+    first non-finite one, so at most `check_every` steps run on with NaN weights, and none is checkpointed."""
+
+    def __init__(self, check_every: int = 1):
+        self.check_every = max(1, check_every)
+        self._first_bad: torch.Tensor | None = None  # step of the first non-finite loss, -1 while all finite
+        self._bad_loss: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        loss = loss.detach()
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._bad_loss = torch.zeros((), dtype=loss.dtype, device=loss.device)
+        newly_bad = ~torch.isfinite(loss) & (self._first_bad < 0)
+        self._first_bad = torch.where(newly_bad, trainer.global_step, self._first_bad)
+        self._bad_loss = torch.where(newly_bad, loss, self._bad_loss)
+        step = trainer.global_step
+        if step % self.check_every == 0 or step >= (trainer.max_steps or 0) > 0:
+            self.check()
+
+    def on_train_end(self, trainer, pl_module):
+        self.check()
+
+    def check(self) -> None:
+        if self._first_bad is not None and int(self._first_bad) >= 0:
+            raise NonFiniteLoss(int(self._first_bad), float(self._bad_loss))

@@ -1,0 +1,97 @@
+"""Faults during a run lose nothing: a NaN stops training before a checkpoint stores it, every failure
+leaves failed.json and never results.json, W&B trouble never kills a run, files keep the user's umask."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import time
+
+import pytest
+import torch
+
+from locality.controls.base import Control
+from locality.faults import NonFiniteLoss
+
+
+class NaNAfter(Control):
+    """Adds a NaN to the loss from optimizer step `at` on: a run whose loss diverges."""
+
+    name = "nan_after"
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def penalty(self, module):
+        if module.trainer.global_step >= self.at:
+            return torch.tensor(float("nan"), device=module.device)
+        return None
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(train, tmp_path):
+    with pytest.raises(NonFiniteLoss, match="at step 3"):
+        train("model=tiny_gpt2", "objective=clm", "logger=csv", "trainer.max_steps=8", "trainer.ckpt_every_n_steps=2",
+              "+control.nan_after._target_=test_faults.NaNAfter", "+control.nan_after.at=2")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "results.json").exists()
+    failed = json.loads((run_dir / "failed.json").read_text())
+    assert failed["step"] == 3 and "NonFiniteLoss" in failed["reason"] and "Traceback" in failed["traceback"]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["global_step"] == 2
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
+
+
+class RaiseAt(Control):
+    name = "raise_at"
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.at:
+            raise RuntimeError("disk on fire")
+
+
+def test_any_failure_writes_failed_json_and_a_success_clears_it(train, tmp_path):
+    args = ["model=tiny_gpt2", "objective=clm", "logger=none", "trainer.max_steps=3",
+            "+control.raise_at._target_=test_faults.RaiseAt", "+control.raise_at.at=2"]
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(*args)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    failed = json.loads((run_dir / "failed.json").read_text())
+    assert failed == failed | {"step": 2, "type": "RuntimeError", "reason": "RuntimeError: disk on fire"}
+    results = train(*args[:-1], "+control.raise_at.at=99")  # another config: its own directory
+    assert results["run"]["steps"] == 3
+    assert not (tmp_path / "runs" / results["run"]["name"] / "failed.json").exists()
+
+
+def test_results_json_has_the_users_umask(train, tmp_path):
+    old = os.umask(0o022)
+    try:
+        results = train("model=tiny_gpt2", "objective=cls", "logger=none")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "runs" / results["run"]["name"] / "results.json").stat().st_mode)
+    assert mode == 0o644
+
+
+@pytest.mark.parametrize("api_key", [None, "x" * 40], ids=["no-api-key", "key-but-no-network"])
+def test_wandb_failures_fall_back_to_csv_within_seconds(train, tmp_path, monkeypatch, capsys, api_key):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: no network
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    if api_key:
+        monkeypatch.setenv("WANDB_API_KEY", api_key)
+    else:
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    start = time.perf_counter()
+    results = train("model=tiny_gpt2", "objective=cls", "logger=wandb", "logger.offline=false")
+    elapsed = time.perf_counter() - start
+    assert math.isfinite(results["profile"]["cosine"]["slope"])
+    assert "W&B is unavailable" in capsys.readouterr().err
+    run_dir = tmp_path / "runs" / results["run"]["name"]
+    assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "results.json").is_file()
+    assert elapsed < 60
