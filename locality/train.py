@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from locality.backbones import load_backbone, peek_family
+from locality.checks import preflight
 from locality.config import ModelConf, register_resolvers, to_plain, validate
 from locality.controls import Control, UpdateRatioMonitor
 from locality.data.datamodule import LocalityDataModule
@@ -34,6 +35,7 @@ from locality.module import LocalityModule
 from locality.objectives import objective_class
 from locality.paths import conf_dir
 from locality.provenance import versions
+from locality.resume import RunState
 from locality.rundir import SCHEMA, RunDir
 from locality.taxonomy import scale_band
 from locality.trainer import build_logger, build_trainer, finish_wandb
@@ -56,18 +58,46 @@ def quiet_libraries() -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    cfg = validate(cfg)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        cfg = validate(cfg)
+        checked = preflight(cfg)  # control arguments, model source, output root: before any work
+    except UserError as error:  # a single run was checked before its directory existed; a sweep job fails here
+        if is_main_process() and output_dir.is_dir():
+            RunDir(output_dir).write_failure(error, step=None)
+        raise
     quiet_libraries()
-    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
+    run_dir = RunDir(output_dir)
     if not cfg.force:
         run_dir.refuse_other_config(cfg)
         if run_dir.complete:
             print(f"{run_dir.path} is complete (results.json exists); skipping. Use force=true to re-run.")
             return run_dir.read_results()
+        run_dir.check_checkpoint()  # a damaged checkpoint is reported before anything is loaded
     if is_main_process():
         if cfg.force:
             run_dir.start_over()
         run_dir.save_config(cfg)
+    attempt = Attempt()
+    try:
+        return train_and_measure(cfg, run_dir, attempt, checked.controls)
+    except BaseException as error:
+        if is_main_process():
+            run_dir.write_failure(error, step=attempt.step)
+        raise
+
+
+class Attempt:
+    """What a failure report needs to know about the attempt so far."""
+
+    trainer: L.Trainer | None = None
+
+    @property
+    def step(self) -> int | None:
+        return self.trainer.global_step if self.trainer is not None else None
+
+
+def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, controls: list[Control]) -> dict:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -80,7 +110,6 @@ def run(cfg: DictConfig) -> dict:
     objective = objective_cls(backbone, splits, cfg.objective)
     data = LocalityDataModule(splits, objective, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed,
                               cfg.data.num_workers)
-    controls = build_controls(cfg.control)
     module = LocalityModule(backbone, objective, cfg.optim, controls)
     if is_main_process():
         print(backbone.describe())
@@ -92,8 +121,10 @@ def run(cfg: DictConfig) -> dict:
         tags = [f"family:{backbone.family}", f"block:{backbone.block_type}", f"scale:{scale_band(backbone.n_params)}"]
         logger = build_logger(cfg.logger, run_dir, cfg.run_name, to_plain(cfg), group=sweep,
                               job_type=control_name(cfg.control), tags=tags)
-    callbacks = [*controls, *filter(None, [profiler.dynamics_callback(), ratio_monitor(cfg.measure, controls)])]
-    trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
+    run_state = RunState(started)  # RNG states, wall time and resumes, kept in the checkpoint
+    callbacks = [*controls, *filter(None, [profiler.dynamics_callback(), ratio_monitor(cfg.measure, controls)]),
+                 run_state]
+    trainer = attempt.trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
     profiler.before_training(module, trainer)  # on the trainer's device, in its precision
     trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
     final = trainer.validate(module, datamodule=data, verbose=False)[0]
@@ -117,7 +148,8 @@ def run(cfg: DictConfig) -> dict:
     }
     if cfg.measure.drop_top_k:
         results["drop_top_k"] = evaluate_dropping_top(trainer, module, data, backbone, cfg.measure.drop_top_k)
-    results["run"]["wall_s"] = time.perf_counter() - started
+    results["run"]["wall_s"] = run_state.wall_s  # over every segment of a resumed run
+    results["run"]["resumed_from_steps"] = run_state.resumed_from_steps
     if not is_main_process():
         return results
     if "cross_layer" in results:
@@ -139,19 +171,6 @@ def ratio_monitor(measure_cfg, controls: list[Control]) -> UpdateRatioMonitor | 
     if not measure_cfg.update_ratios or any(isinstance(c, UpdateRatioMonitor) for c in controls):
         return None
     return UpdateRatioMonitor()
-
-
-def build_controls(control_cfg: DictConfig | None) -> list[Control]:
-    controls = []
-    for name, component in (control_cfg or {}).items():
-        try:
-            control = instantiate(component)
-        except Exception as err:
-            raise UserError(f"Could not build control '{name}' from {to_plain(component)}: {err}") from err
-        if not isinstance(control, Control):
-            raise UserError(f"control.{name} built a {type(control).__name__}, not a locality Control.")
-        controls.append(control)
-    return controls
 
 
 _job_started = False

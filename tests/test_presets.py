@@ -24,7 +24,7 @@ REFUSED = [(m, o) for m in SUPPORTED for o in ("clm", "mlm", "cls", "tok") if o 
 
 @pytest.mark.parametrize(("model", "objective"), CASES)
 def test_preset_objective_trains(train, model, objective):
-    results = train(f"model={model}", f"objective={objective}", "measure.n_probe=16", "measure.n_boot=0")
+    results = train(f"model={model}", f"objective={objective}", "measure.n_probe=16", "measure.n_boot=40")
     assert results["run"]["steps"] == 2
     assert math.isfinite(results["init"]["loss"]) and math.isfinite(results["final"]["loss"])
     n_layers = results["run"]["n_layers"]

@@ -45,7 +45,9 @@ def test_default_run_prints_the_profile_and_writes_the_run_dir(tmp_path):
     assert len(results["depth"]) == 7 and results["depth"][0] == 0.0 and results["depth"][-1] == 1.0
     for metric in ("cosine", "cka_linear", "cka_debiased", "procrustes", "euclidean", "weight_rel"):
         assert len(results["change"][metric]) == 7
-    for metric in ("cosine", "cka_linear", "cka_debiased", "procrustes", "euclidean"):
+    for metric in ("cka_linear", "procrustes"):  # plug-in statistics with d = 384 > n/4 = 16: no interval
+        assert results["profile"][metric]["slope_ci"] is None and results["profile"][metric]["ci_note"]
+    for metric in ("cosine", "cosine_tokens", "cka_debiased", "euclidean"):
         lo, hi = results["profile"][metric]["slope_ci"]
         assert lo < hi
     for metric in ("cosine", "cka_debiased"):  # unbiased statistics: replicates center on the point value
@@ -137,6 +139,26 @@ def test_complete_run_is_skipped_and_the_pre_capture_is_cached(train):
     assert forced["change"] == first["change"]  # same seed, same data: the same run
 
 
+def test_a_corrupt_or_stale_pre_capture_is_recomputed_and_replaced(train):
+    from locality.paths import cache_dir
+
+    run = ("model=tiny_gpt2", "model.init=random", "objective=cls", "seed=12")  # a seed no other test uses
+    first = train(*run)
+    entries = sorted((cache_dir() / "captures").glob("*.pt"), key=lambda p: p.stat().st_mtime)
+    entries[-1].write_bytes(b"truncated")  # the entry this run just wrote
+    again = train(*run, "force=true")
+    assert again["timings"]["pre_capture_cached"] is False and again["change"] == first["change"]
+    import torch
+
+    torch.save([torch.zeros(3, 2)], entries[-1])  # readable, but not this model's capture (stale)
+    stale = train(*run, "force=true")
+    assert stale["timings"]["pre_capture_cached"] is False and stale["change"] == first["change"]
+    assert train(*run, "force=true")["timings"]["pre_capture_cached"]  # replaced by a good entry
+    # the same (seeded) weights with another forward pass, through a config override: never the cached features
+    other = train(*run, "+model.config_overrides.layer_norm_epsilon=0.1")
+    assert other["timings"]["pre_capture_cached"] is False
+
+
 def test_sweep_continues_past_a_failed_run_then_analyze(tmp_path):
     proc = cli("-m", "model=tiny_gpt2,tiny_bert", "objective=clm", "control=standard,equal_step", *FAST,
                "logger=csv", cwd=tmp_path)
@@ -152,6 +174,11 @@ def test_sweep_continues_past_a_failed_run_then_analyze(tmp_path):
     out = sweep / "analysis"
     assert {"runs.csv", "layers.csv", "summary.md", "tables", "figures"} <= {p.name for p in out.iterdir()}
     assert {"profiles_cosine.png", "slopes_cosine.png"} <= {p.name for p in (out / "figures").iterdir()}
+    assert "**2 failed runs**" in (out / "summary.md").read_text()  # tiny_bert + clm, with their reason
+    from locality.analyze import main as analyze
+
+    for metric in ("procrustes", "cka_debiased", "weight_rel", "cosine_tokens"):  # every metric offered works
+        assert analyze([str(sweep), "--metric", metric, "--out", str(tmp_path / metric)]) == 0, metric
     import pandas as pd
 
     runs = pd.read_csv(out / "runs.csv")

@@ -9,6 +9,10 @@ done from a callback, so the module asks every control for them:
 - `penalty(module)`: an extra loss term added to the objective's loss (L2-SP).
 - `summary()`: numbers for results.json (e.g. the energy at LP-FT's switch).
 
+Arguments are checked twice before any work: the constructor refuses values that are wrong for every
+model (a negative rank), and `check_model(n_blocks)` refuses those wrong for this model (block 7 of 4),
+from the model's config alone, before weights are loaded (`locality.checks.preflight`).
+
 `configure_model` runs before Lightning restores a checkpoint, so anything captured there (e.g. the
 pretrained anchor of L2-SP) is the pretrained state even when a run resumes.
 
@@ -32,6 +36,9 @@ class Control(Callback):
     """Base class of every control; each hook defaults to "do nothing"."""
 
     name: str = "control"
+
+    def check_model(self, n_blocks: int) -> None:
+        """Raise ValueError if an argument does not fit a model with `n_blocks` blocks (before it is loaded)."""
 
     def configure_model(self, module: LightningModule) -> None:
         """Change the model before the optimizer is built (e.g. freeze parameters, add adapters)."""

@@ -21,15 +21,30 @@ class LoRA(Control):
 
     def __init__(self, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
                  targets: Sequence[str] | None = None, layers: Sequence[int] | None = None):
+        if not (isinstance(rank, int) and rank >= 1):
+            raise ValueError(f"lora rank={rank!r} must be an integer >= 1 (e.g. 8).")
+        if not alpha > 0:
+            raise ValueError(f"lora alpha={alpha!r} must be > 0 (e.g. 2 * rank).")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"lora dropout={dropout!r} must be in [0, 1).")
+        if layers is not None and len(layers) == 0:
+            raise ValueError("lora layers=[] adapts nothing; give block indices or null for every block.")
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
         self.targets = list(targets) if targets else None
         self.layers = list(layers) if layers is not None else None
         self.adapted: list[str] = []
 
+    def check_model(self, n_blocks: int) -> None:
+        bad = [i for i in self.layers or [] if not -n_blocks <= i < n_blocks]
+        if bad:
+            raise ValueError(f"lora layers {bad} are out of range: the model has {n_blocks} blocks "
+                             f"(0..{n_blocks - 1}, or -1..-{n_blocks} from the top).")
+
     def _target_names(self, module) -> list[str]:
         """Full names (relative to the HF model) of the linear layers to adapt, inside the chosen blocks."""
         names = {id(m): n for n, m in module.model.named_modules()}
         n_blocks = len(module.blocks)
+        self.check_model(n_blocks)
         layers = range(n_blocks) if self.layers is None else [i % n_blocks for i in self.layers]
         chosen = []
         for i in layers:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from locality.data.corpus import TOPIC_PACKAGES, pydoc_paragraphs, stdlib_docstrings
+from locality.data.corpus import TOPIC_PACKAGES, finetuning_docstrings, pydoc_paragraphs
 from locality.errors import UserError
 
 BUILTINS = ("stdlib_docs", "pydoc_topics")
@@ -123,7 +123,8 @@ def split_heldout(examples: list[dict], n_probe: int, n_validation: int, name: s
 
 def load_builtin(name: str, n_probe: int, n_validation: int) -> Splits:
     if name == "stdlib_docs":
-        examples = [{"text": doc, "label": TOPIC_PACKAGES.index(pkg)} for pkg, doc in stdlib_docstrings()]
+        # not the docstrings the tiny presets are pretrained on (locality.data.corpus)
+        examples = [{"text": doc, "label": TOPIC_PACKAGES.index(pkg)} for pkg, doc in finetuning_docstrings()]
         label_names = list(TOPIC_PACKAGES)
     elif name == "pydoc_topics":
         examples = [{"text": chunk} for chunk in pydoc_paragraphs()]

@@ -17,14 +17,14 @@ def test_results_follow_the_schema(train):
     assert r["schema"] == "locality.results/1"
     assert set(r["run"]) == {"name", "model", "family", "block_type", "scale_band", "objective", "control", "seed",
                              "n_params", "n_layers", "steps", "wall_s", "init_from", "config_hash", "setting_hash",
-                             "sweep", "versions", "data"}
+                             "sweep", "versions", "data", "resumed_from_steps"}
     n = r["run"]["n_layers"]
     assert r["depth"] == [i / n for i in range(n + 1)]
-    for metric in ("cosine", "cka_linear", "cka_debiased", "procrustes", "weight_rel"):
+    for metric in ("cosine", "cosine_tokens", "cka_linear", "cka_debiased", "procrustes", "weight_rel"):
         assert len(r["change"][metric]) == n + 1
-        assert set(r["profile"][metric]) == {"slope", "slope_ci", "steepness", "width"}
+        assert {"slope", "slope_ci", "slope_per_layer", "steepness", "width", "width_count"} <= set(r["profile"][metric])
     assert len(r["init"]["grad_rel"]) == n and all(g > 0 for g in r["init"]["grad_rel"])
-    assert {"loss", "acc", "f1"} <= set(r["init"]) and {"loss", "acc", "f1"} <= set(r["final"])
+    assert {"loss", "acc", "f1", "kl", "kl_norm"} <= set(r["init"]) and {"loss", "acc", "f1"} <= set(r["final"])
     assert len(r["features"]["norm_ratio"]) == n + 1
 
 

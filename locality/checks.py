@@ -1,0 +1,256 @@
+"""Checks before any work: every value a run needs, refused in one paragraph before data or weights load.
+
+Three layers, cheapest first:
+- `check_values(cfg)` (called by `locality.config.validate`, so `locality.plan` runs it too): ranges and
+  fixed choices of every plain value, from the composed config alone.
+- `preflight(cfg)`: what needs a file but no weights: control arguments (each control's constructor and
+  `check_model(n_blocks)` against the model's config.json), the model source (a local directory that is
+  really a saved model, a valid hub id), the objective/family pairing, a writable output root, and a GPU
+  when the trainer asks for one.
+- Data-dependent checks (split sizes, labels) run in `locality.data.sources.load_splits`, on the data,
+  before the model is loaded.
+
+A single run checks in a Hydra callback (`PreflightCallback`), before Hydra creates the run directory, and
+exits 2 on a bad value; `locality.train.run` repeats the checks, so a sweep job fails alone (the sweep goes
+on) and in-process callers get the same errors. README, "Bad input", lists every case and its message;
+tests/test_checks.py runs each row of that table.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    ok: Callable[[Any], bool]
+    need: str  # completes "must be ..."
+    example: str
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def at_least(minimum: float, integer: bool = True) -> Callable[[Any], bool]:
+    kind = _integer if integer else _number
+    return lambda v: kind(v) and v >= minimum
+
+
+def above(minimum: float) -> Callable[[Any], bool]:
+    return lambda v: _number(v) and v > minimum
+
+
+def within(low: float, high: float, closed_high: bool = False) -> Callable[[Any], bool]:
+    return lambda v: _number(v) and low <= v and (v <= high if closed_high else v < high)
+
+
+def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or check(v)
+
+
+RULES = [
+    Rule("seed", at_least(0), "an integer >= 0", "0"),
+    Rule("optim.lr", above(0), "a learning rate > 0", "1e-4"),
+    Rule("optim.weight_decay", at_least(0, integer=False), "a number >= 0", "0.01"),
+    Rule("optim.warmup", at_least(0, integer=False),
+         "a fraction of the steps in [0, 1) or a number of steps >= 1", "0.1"),
+    Rule("optim.eps", above(0), "a number > 0", "1e-8"),
+    Rule("optim.betas", lambda v: isinstance(v, list) and len(v) == 2 and all(within(0, 1)(b) for b in v),
+         "two numbers in [0, 1)", "[0.9,0.999]"),
+    Rule("trainer.max_steps", at_least(1), "a number of optimizer steps >= 1", "100"),
+    Rule("trainer.accumulate_grad_batches", at_least(1), "an integer >= 1", "1"),
+    Rule("trainer.ckpt_every_n_steps", at_least(1), "an integer >= 1", "100"),
+    Rule("trainer.log_every_n_steps", at_least(1), "an integer >= 1", "10"),
+    Rule("trainer.gradient_clip_val", optional(above(0)), "a norm > 0, or null for no clipping", "1.0"),
+    Rule("data.batch_size", at_least(1), "an integer >= 1", "16"),
+    Rule("data.eval_batch_size", at_least(1), "an integer >= 1", "64"),
+    Rule("data.n_validation", at_least(1), "an integer >= 1", "256"),
+    Rule("data.num_workers", at_least(0), "an integer >= 0", "0"),
+    Rule("data.min_chars", at_least(0), "an integer >= 0", "1"),
+    Rule("data.max_train_examples", optional(at_least(1)), "an integer >= 1, or null for all", "10000"),
+    Rule("objective.max_length", at_least(2), "a number of tokens >= 2", "128"),
+    Rule("objective.head_dropout", within(0, 1), "a probability in [0, 1)", "0.1"),
+    Rule("objective.mask_prob", lambda v: _number(v) and 0 < v < 1, "a probability in (0, 1)", "0.15"),
+    Rule("measure.n_probe", at_least(4), "an integer >= 4 (512+ for stable CKA)", "512"),
+    Rule("measure.ci", lambda v: _number(v) and 0 < v < 1, "a coverage level in (0, 1)", "0.95"),
+    Rule("measure.token_positions", at_least(1), "an integer >= 1", "8"),
+    Rule("measure.jackknife_groups", at_least(2), "an integer >= 2", "32"),
+    Rule("measure.width_threshold", at_least(0, integer=False), "a change >= 0", "0.1"),
+    Rule("measure.kl_probe_train", at_least(0), "an integer >= 0 (0 turns the probe off)", "512"),
+    Rule("measure.every_n_steps", at_least(0), "an integer >= 0 (0: no dynamics)", "0"),
+    Rule("measure.init_batches", at_least(1), "an integer >= 1", "4"),
+    Rule("measure.drop_top_k", at_least(0), "an integer >= 0", "0"),
+]
+
+
+def min_bootstrap(ci: float) -> int:
+    """Fewest replicates that put at least one replicate in each tail of a `ci` interval (40 at 0.95)."""
+    return math.ceil(2 / (1 - ci) - 1e-9)
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Ranges and fixed choices of the composed config (no files read)."""
+    for rule in RULES:
+        value = OmegaConf.select(cfg, rule.key)
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value)
+        if not rule.ok(value):
+            raise UserError(f"{rule.key}={value!r} is invalid: it must be {rule.need} "
+                            f"(e.g. {rule.key}={rule.example}).")
+    _check_bootstrap(cfg.measure)
+    _check_choices(cfg)
+
+
+def _check_bootstrap(measure: DictConfig) -> None:
+    least = min_bootstrap(measure.ci)
+    for key, may_be_off in (("n_boot", False), ("n_boot_procrustes", True)):
+        value = measure[key]
+        if not (_integer(value) and (value >= least or may_be_off and value == 0)):
+            off = " or 0 for no Procrustes bootstrap" if may_be_off else ""
+            raise UserError(f"measure.{key}={value!r} is too few bootstrap replicates for a {measure.ci:.0%} "
+                            f"interval: use at least {least} (2 / (1 - measure.ci)){off}, e.g. measure.{key}=200.")
+
+
+def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
+    import typing
+
+    from lightning.fabric.connector import _PRECISION_INPUT_STR
+    from transformers import SchedulerType
+
+    from locality.config import INITS
+    from locality.measure.capture import POOLINGS
+
+    return {
+        "model.dtype": (cfg.model.dtype, DTYPES),
+        "model.init": (cfg.model.init, INITS),
+        "optim.schedule": (cfg.optim.schedule, tuple(s.value for s in SchedulerType if s.value != "greedy")),
+        "trainer.precision": (str(cfg.trainer.precision), typing.get_args(_PRECISION_INPUT_STR)),
+        "trainer.accelerator": (cfg.trainer.accelerator, ACCELERATORS),
+        "measure.pooling": (cfg.measure.pooling, POOLINGS),
+        "measure.ci_method": (cfg.measure.ci_method, ("basic", "percentile")),
+        "measure.plugin_ci": (cfg.measure.plugin_ci, ("jackknife", "bootstrap")),
+        "objective.pooling": (cfg.objective.pooling, ("auto", "first", "last", "mean")),
+        "data.source": (cfg.data.source, ("builtin", "hub")),
+        "logger.kind": (cfg.logger.kind, ("wandb", "csv", "none")),
+    }
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    from locality.measure.similarity import MEASURE_METRICS
+
+    for key, (value, valid) in _choices(cfg).items():
+        if value not in valid:
+            raise UserError(f"{key}={value!r} is not a valid choice; choose one of: {', '.join(valid)}.")
+    unknown = [m for m in cfg.measure.metrics if m not in MEASURE_METRICS]
+    if unknown:
+        raise UserError(f"measure.metrics has unknown metric(s) {unknown}; valid metrics: "
+                        f"{', '.join(MEASURE_METRICS)}.")
+
+
+@dataclass
+class Preflight:
+    """What the checks learnt and training reuses: the built controls and the model's block count."""
+
+    controls: list
+    n_blocks: int | None
+    family: str
+
+
+def preflight(cfg: DictConfig) -> Preflight:
+    """Checks that read files but no weights or data (a validated config; see the module docstring)."""
+    from locality.backbones import family_of, peek_config, peek_n_blocks
+    from locality.config import ModelConf
+    from locality.controls.build import build_controls
+    from locality.objectives import objective_class
+
+    check_writable(Path(cfg.outputs_root), "outputs_root")
+    check_accelerator(cfg.trainer.accelerator)
+    controls = build_controls(cfg.control)
+    spec = ModelConf(**cfg.model)
+    config = peek_config(spec)
+    family = spec.family or family_of(config)
+    objective_class(cfg.objective.name, family=family).check_family(family, config)
+    n_blocks = peek_n_blocks(config)
+    if n_blocks is not None:
+        for control in controls:
+            try:
+                control.check_model(n_blocks)
+            except ValueError as err:
+                raise UserError(f"control.{control.name}: {err}") from None
+    return Preflight(controls, n_blocks, family)
+
+
+def check_accelerator(accelerator: str) -> None:
+    """A GPU run on a machine without one (checked here, not in `check_values`: a sweep may be planned on a
+    login node and run on GPU nodes)."""
+    import torch
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
+                        "(torch.cuda.is_available() is False). Use trainer.accelerator=auto or cpu.")
+
+
+def check_writable(path: Path, key: str) -> None:
+    """The output root (or its nearest existing parent) must be a directory this process can create files in."""
+    existing = path.expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a directory"
+    else:
+        try:
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as err:
+            problem = f"files cannot be created in {existing} ({err.strerror or err})"
+    if problem:
+        raise UserError(f"{key}={str(path)!r} cannot hold run outputs: {problem}. Choose a writable directory, "
+                        f"e.g. {key}=$HOME/locality-outputs (or set $LOCALITY_OUTPUTS).")
+
+
+class PreflightCallback(Callback):
+    """Hydra callback: check a single run before Hydra creates its directory; a sweep's output root first."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from locality.config import validate
+
+        _exit_on_user_error(lambda: preflight(validate(_without_hydra(config))))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _exit_on_user_error(lambda: check_writable(Path(config.outputs_root), "outputs_root"))
+
+
+def _without_hydra(config: DictConfig) -> DictConfig:
+    copy = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+    OmegaConf.set_struct(copy, False)
+    return copy
+
+
+def _exit_on_user_error(check: Callable[[], Any]) -> None:
+    try:
+        check()
+    except UserError as err:
+        if wants_traceback():
+            raise
+        report(err)
+        sys.exit(EXIT_USER_ERROR)
