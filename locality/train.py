@@ -128,6 +128,9 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
     profiler.before_training(module, trainer)  # on the trainer's device, in its precision
     trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
     final = trainer.validate(module, datamodule=data, verbose=False)[0]
+    monitor = next((c for c in callbacks if isinstance(c, UpdateRatioMonitor)), None)
+    if monitor is not None and monitor.steps:  # the first steps' update ratios, beside the step-0 gradients
+        profiler.record_first_updates(monitor.first_update_ratios())
 
     results = {
         "schema": SCHEMA,

@@ -110,6 +110,11 @@ def test_analyze_writes_tables_and_figures_at_240_runs(tmp_path):
         run_dir = tmp_path / "sweep" / r["run"]["name"]
         run_dir.mkdir(parents=True)
         (run_dir / "results.json").write_text(json.dumps({k: v for k, v in r.items() if k != "_path"}))
+        for tool_file in (".hydra/config.yaml", "wandb/run-1/files/config.yaml"):  # not runs of their own
+            (run_dir / tool_file).parent.mkdir(parents=True)
+            (run_dir / tool_file).write_text("{}")
+    (tmp_path / "sweep" / "killed-run").mkdir()
+    (tmp_path / "sweep" / "killed-run" / "config.yaml").write_text("seed: 0")
     (tmp_path / "sweep" / "broken-run").mkdir()
     (tmp_path / "sweep" / "broken-run" / "results.json").write_text("{not json")
     (tmp_path / "sweep" / "failed-run").mkdir()
@@ -124,6 +129,7 @@ def test_analyze_writes_tables_and_figures_at_240_runs(tmp_path):
         "dynamics_cosine_tokens.png"}
     summary = (out / "summary.md").read_text()
     assert "broken-run" in summary and "| failed-run | 9 | non-finite loss |" in summary
+    assert "**1 incomplete runs**" in summary and "- killed-run" in summary and ".hydra" not in summary
     import pandas as pd
 
     assert pd.read_csv(out / "tables" / "headline.csv").metric.iloc[0] == "cosine_tokens"

@@ -47,8 +47,13 @@ def _run_dirs(paths: list[str]) -> list[Path]:
                 found.add(path.parent)
             elif path.is_dir():
                 for marker in ("results.json", "config.yaml", "failed.json"):
-                    found.update(p.parent for p in path.rglob(marker))
+                    found.update(p.parent for p in path.rglob(marker) if not _tool_dir(p.relative_to(path)))
     return sorted(found)
+
+
+def _tool_dir(relative: Path) -> bool:
+    """Files other tools keep inside a run directory (Hydra's .hydra/config.yaml, W&B's wandb/.../config.yaml)."""
+    return any(part.startswith(".") or part == "wandb" for part in relative.parts[:-1])
 
 
 def find_results(paths: list[str]) -> list[Path]:

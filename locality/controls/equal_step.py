@@ -34,7 +34,10 @@ except ImportError:  # torch built without distributed support
     DTensor = Shard = None
 
 TARGETS = ("mean", "median", "max")
-FLUSH_EVERY = 1024  # steps of ratios kept on device before one copy to the CPU history
+DECAY_MODES = ("scaled", "unscaled")
+LOW_PRECISION = {"bfloat16", "float16"}
+FLUSH_EVERY = 1024
+FIRST_STEPS = 5  # init.update_rel: the first real updates' per-block ratios  # steps of ratios kept on device before one copy to the CPU history
 PARTS_BEFORE_BLOCKS = ("embeddings",)
 PARTS_AFTER_BLOCKS = ("final_norm", "head")
 KNOWN_PARTS = PARTS_BEFORE_BLOCKS + PARTS_AFTER_BLOCKS
@@ -52,14 +55,6 @@ def _check_target(target: Target) -> Target:
 
 def _is_dtensor(t: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
-
-
-def _multi_tensor_devices() -> list[str]:
-    try:
-        from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices
-    except ImportError:
-        return ["cuda"]
-    return _get_foreach_kernels_supported_devices()
 
 
 def _sums_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -100,11 +95,16 @@ class EqualStepCore:
     `snapshot()` before the optimizer step and `update()` after it, or let `attach(optimizer)` do that.
 
     `update()` computes r_l = ||W_new - W_old|| / ||W_old|| with one norm over all of layer l's tensors
-    (under FSDP2: local sums of squares, stacked into one [2, n_layers] tensor, ONE all_reduce(SUM)),
-    then, unless `target` is None, sets W_l = W_old + (r*/r_l) ΔW_l for every layer with r_l > 0.
-    Layers with r_l = 0 (or ||W_old|| = 0, where r_l is undefined) are left alone, do not enter the target,
-    and report r_l = 0. Target r*: "mean" / "median" (mean of the two middle values for an even count) /
-    "max" over the layers with r_l > 0, or a fixed positive float.
+    (under FSDP2: local sums of squares, stacked into one [3, n_layers] tensor, ONE all_reduce(SUM)),
+    then, unless `target` is None, sets W_l = W_old + (r*/r_l) ΔW_l for every layer that moved and got a
+    gradient, and re-measures the ratios reached from the stored weights (`ratio_after`; a second norm
+    and, sharded, a second all_reduce): in float32 they agree to ~1e-7, in bfloat16 rounding undoes much
+    of the equalization, which is why `EqualStep` refuses low-precision block parameters.
+    Layers with r_l = 0 (or ||W_old|| = 0, where r_l is undefined) or an all-zero gradient (they moved by
+    weight decay or momentum alone) are left alone, do not enter the target, and report r_l = 0. Target
+    r*: "mean" / "median" (mean of the two middle values for an even count) / "max" over the layers that
+    moved, or a fixed positive float. With `use_decay_from(adamw)` only the gradient part of the update,
+    ΔW + lr·wd·W_old, is measured and equalized, and AdamW's decay is applied unscaled.
 
     All of it runs on device with multi-tensor (`torch._foreach_*`) ops and no host sync; the ratios are
     kept on device (`ratio_before`, `ratio_after`) and in `history`, moved to the CPU only when read
@@ -136,7 +136,8 @@ class EqualStepCore:
         self._acc_dtype = (
             torch.float64 if any(t.dtype == torch.float64 for t in self.tensors) else torch.float32
         )
-        self.multi_tensor_kernels = self._segment.device.type in _multi_tensor_devices()
+        self.decay_unscaled = False
+        self.decay_groups: list[tuple[list[int], dict]] = []
         self._snap: list[torch.Tensor] | None = None
         self.armed = False  # a snapshot waits for its update()
         self.ratio_before: torch.Tensor | None = None
@@ -193,45 +194,90 @@ class EqualStepCore:
             raise RuntimeError("EqualStepCore.update() called without a snapshot() before the step.")
         self.armed = False
         local, snap = self._local(), self._snap
-        squares_old = _sums_of_squares(snap, self._acc_dtype)
-        torch._foreach_sub_(snap, local)  # snap := W_old - W_new = -ΔW
-        squares = torch.stack(squares_old + _sums_of_squares(snap, self._acc_dtype)).view(2, -1)
-        sums = squares.new_zeros(2, self.n_layers).index_add_(1, self._segment, squares)
-        if self.process_group is not None:
-            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
-        w_norm, d_norm = sums.sqrt().unbind(0)
-        moved = (d_norm > 0) & (w_norm > 0)
-        before = torch.where(moved, d_norm / torch.where(moved, w_norm, 1.0), 0.0)
-        after = before
-        if self.target is not None:
-            scale = torch.where(
-                moved, self._target_value(before, moved) / torch.where(moved, before, 1.0), 1.0
-            )
-            self._rescale(local, snap, 1.0 - scale)
-            after = before * scale
+        if self.target is None:
+            before = after = self._measure(local, snap)
+        else:
+            before, after = self._equalize(local, snap)
         self.ratio_before, self.ratio_after = before, after
         self.steps += 1
         self._pending.append(torch.stack([before, after]))
         if len(self._pending) >= FLUSH_EVERY:
             self.flush()
 
-    def _rescale(self, local: list[torch.Tensor], snap: list[torch.Tensor], coef: torch.Tensor) -> None:
-        """W := W_new + coef_l (W_old - W_new) = W_old + s_l ΔW, with snap = W_old - W_new, coef_l = 1 - s_l.
+    def _measure(self, local: list[torch.Tensor], snap: list[torch.Tensor]) -> torch.Tensor:
+        """Ratios only; the weights are never written."""
+        squares_old = _sums_of_squares(snap, self._acc_dtype)
+        torch._foreach_sub_(snap, local)  # snap := W_old - W_new = -ΔW
+        w_norm, d_norm = self._layer_norms(squares_old, _sums_of_squares(snap, self._acc_dtype))
+        moved = (d_norm > 0) & (w_norm > 0)
+        return torch.where(moved, d_norm / torch.where(moved, w_norm, 1.0), 0.0)
 
-        No foreach op takes a list of per-tensor *device* scalars on the multi-tensor fast path: the
-        `.List` overloads accept 0-d tensors only through the per-tensor slow path (their shapes differ),
-        and `_foreach_addcmul_.Tensor` wants its scalars on the CPU (a host sync). `_foreach_mul_.Tensor`
-        takes one 0-d device tensor of the same dtype on the fast path, hence one call per layer, then one
-        add (coef stays in fp32 for low-precision parameters: exact, but the per-tensor path). Devices
-        without multi-tensor kernels (CPU) run every foreach op tensor by tensor anyway; there a single
-        `_foreach_addcmul_` with 0-d per-tensor coefficients makes one pass over memory instead of three.
+    def _equalize(self, local: list[torch.Tensor], snap: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_l := W_old + s_l ΔW_l, then the ratios actually reached, re-measured from the stored weights.
+
+        The parameters hold ΔW (or its gradient part) while it is measured and scaled: local := W_new - W_old
+        (- the decoupled decay when `decay="unscaled"`), local *= s_l, local += W_old. Re-measuring
+        ||W_final - W_old|| costs one sub and one multi-tensor norm (and, sharded, one more all_reduce), and
+        shows what rounding to the parameters' dtype leaves of the equalization.
         """
-        if self.multi_tensor_kernels:
-            for (start, end), c in zip(self._bounds, coef, strict=True):
-                torch._foreach_mul_(snap[start:end], c)
-            torch._foreach_add_(local, snap)
-        else:
-            torch._foreach_addcmul_(local, snap, coef[self._segment].unbind(0))
+        torch._foreach_sub_(local, snap)  # local := ΔW
+        if self.decay_unscaled:
+            self._add_decay(local, snap, sign=+1.0)  # local := ΔW + lr·wd·W_old, the gradient part
+        # A layer whose gradient is exactly zero this step (an unused path, a pooled-away position) moved only by
+        # weight decay or momentum: it is left alone and stays out of the target.
+        w_norm, d_norm, g_norm = self._layer_norms(*(_sums_of_squares(ts, self._acc_dtype)
+                                                     for ts in (snap, local, self._gradients())))
+        moved = (d_norm > 0) & (w_norm > 0) & (g_norm > 0)
+        safe_w = torch.where(moved, w_norm, 1.0)
+        before = torch.where(moved, d_norm / safe_w, 0.0)
+        scale = torch.where(moved, self._target_value(before, moved) / torch.where(moved, before, 1.0), 1.0)
+        for (start, end), s in zip(self._bounds, scale, strict=True):
+            torch._foreach_mul_(local[start:end], s)  # one 0-d device scalar per layer: no host sync
+        torch._foreach_add_(local, snap)  # local := W_old + s ΔW, rounded to the parameters' dtype
+        torch._foreach_sub_(snap, local)  # snap := W_old - W_final, as stored
+        if self.decay_unscaled:
+            self._apply_decay(local)
+        reached = self._layer_norms(_sums_of_squares(snap, self._acc_dtype))[0]
+        after = torch.where(moved, reached / safe_w, 0.0)
+        return before, after
+
+    def _layer_norms(self, *per_tensor_squares: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-layer norms from per-tensor sums of squares (summed over shards: one all_reduce for all rows)."""
+        squares = torch.stack([sq for rows in per_tensor_squares for sq in rows]).view(len(per_tensor_squares), -1)
+        sums = squares.new_zeros(len(per_tensor_squares), self.n_layers).index_add_(1, self._segment, squares)
+        if self.process_group is not None:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
+        return list(sums.sqrt().unbind(0))
+
+    def _gradients(self) -> list[torch.Tensor]:
+        """Every tensor's (local) gradient; a tensor without one counts as a zero gradient."""
+        grads = [torch.zeros((), device=t.device) if t.grad is None else t.grad for t in self.tensors]
+        return [g.to_local() if _is_dtensor(g) else g for g in grads]
+
+    def _decay_factors(self) -> list[tuple[list[int], float]]:
+        """(tensor indices, lr * weight_decay) per optimizer parameter group with decay, read at this step."""
+        return [(idx, float(group["lr"]) * group["weight_decay"]) for idx, group in self.decay_groups
+                if group["weight_decay"]]
+
+    def _add_decay(self, local: list[torch.Tensor], snap: list[torch.Tensor], sign: float) -> None:
+        for idx, lr_wd in self._decay_factors():
+            torch._foreach_add_([local[i] for i in idx], [snap[i] for i in idx], alpha=sign * lr_wd)
+
+    def _apply_decay(self, local: list[torch.Tensor]) -> None:
+        """AdamW's decoupled decay, W *= 1 - lr·wd, on the equalized weights (the gradient part was scaled)."""
+        for idx, lr_wd in self._decay_factors():
+            torch._foreach_mul_([local[i] for i in idx], 1.0 - lr_wd)
+
+    def use_decay_from(self, optimizer: torch.optim.Optimizer) -> None:
+        """`decay="unscaled"`: equalize only the gradient part of AdamW's update (its decoupled weight decay is
+        applied unscaled); the parameter groups' lr and weight_decay are read at every step."""
+        if not isinstance(optimizer, torch.optim.AdamW):
+            raise ValueError(f"decay='unscaled' separates AdamW's decoupled weight decay; the optimizer is "
+                             f"{type(optimizer).__name__}. Use decay='scaled'.")
+        index = {id(t): i for i, t in enumerate(self.tensors)}
+        self.decay_groups = [([index[id(p)] for p in group["params"] if id(p) in index], group)
+                             for group in optimizer.param_groups]
+        self.decay_unscaled = True
 
     def _target_value(self, ratio: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
         if isinstance(self.target, float):
@@ -352,6 +398,7 @@ class UpdateRatioMonitor(Control):
                 f"found {len(owners)}."
             )
         self.core = EqualStepCore(layers, target=self.target, names=names)
+        self._optimizer = owners[0]
         self._handles = [
             owners[0].register_step_pre_hook(self._before_step),
             owners[0].register_step_post_hook(self._after_step),
@@ -428,7 +475,15 @@ class UpdateRatioMonitor(Control):
             "ratio_after_mean": mean[1].tolist(),
             "spread_before_median": spread(history[:, 0]).median().item(),
             "spread_after_median": spread(history[:, 1]).median().item(),
+            "spread_after_max": spread(history[:, 1]).max().item(),
         }
+
+    def first_update_ratios(self, k: int = FIRST_STEPS) -> list[list[float]]:
+        """The blocks' ratios r_l (before any control) of the first k real updates, one list per step: under
+        Adam these are set by lr * sqrt(N_l) / ||W_l||, not by gradient size (README: what equal-step removes)."""
+        history = self.history[:k, 0]
+        blocks = [i for i, name in enumerate(self.layer_names) if name.startswith("block_")]
+        return history[:, blocks].tolist()
 
     def _metrics(self, values: list[float]) -> dict[str, float]:
         n = self.core.n_layers
@@ -508,9 +563,29 @@ class EqualStep(UpdateRatioMonitor):
 
     name = "equal_step"
 
-    def __init__(self, target: Target = "mean", include: Sequence[str] = ()) -> None:
+    def __init__(self, target: Target = "mean", include: Sequence[str] = (), decay: str = "scaled") -> None:
         super().__init__(include=include)
         self.target = _check_target(target)
+        if decay not in DECAY_MODES:
+            raise ValueError(f"EqualStep decay must be one of {DECAY_MODES}, got {decay!r}: scaled equalizes "
+                             "AdamW's whole update (decay included), unscaled only its gradient part.")
+        self.decay = decay
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        low = sorted({str(t.dtype).removeprefix("torch.") for t in self.core.tensors} & LOW_PRECISION)
+        if low:
+            self._remove_hooks()
+            raise ValueError(
+                f"EqualStep cannot equalize {'/'.join(low)} block parameters: rounding each updated weight to "
+                "8 bits of mantissa undoes the rescale (measured: a max/min spread of 1.3-1.8 per step where "
+                "float32 gives 1.000001). Keep float32 parameters and compute in bf16: model.dtype=float32 "
+                "trainer.precision=bf16-mixed.")
+        if self.decay == "unscaled":
+            self.core.use_decay_from(self._optimizer)
+
+    def summary(self) -> dict:
+        return {**super().summary(), "decay": self.decay}
 
     def _metrics(self, values: list[float]) -> dict[str, float]:
         n = self.core.n_layers

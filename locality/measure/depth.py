@@ -124,6 +124,12 @@ class DepthProfiler:
         grad = self.init["grad_rel"]
         self.init["grad_rel_slope"] = _slope_over_blocks(grad)
 
+    def record_first_updates(self, ratios: list[list[float]]) -> None:
+        """init.update_rel: the blocks' update ratios ||ΔW_l||/||W_l|| of the first optimizer steps (one list
+        per step), and the slope of the first, beside grad_rel."""
+        self.init["update_rel"] = ratios
+        self.init["update_rel_slope"] = _slope_over_blocks(ratios[0]) if ratios else None
+
     def _probe_batches(self, module: L.LightningModule) -> tuple[list[dict] | None, list[dict] | None]:
         """Training batches holding the first `kl_probe_train` examples, and every validation batch: the
         linear probe of init.kl for objectives with a new head (None when there is none or it is off)."""

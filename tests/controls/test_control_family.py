@@ -128,3 +128,8 @@ def test_equal_step_logs_equal_ratios_at_every_step_and_standard_does_not(train,
     # Adam's first step moves identical random blocks almost equally; the spread grows from there
     assert len(standard) == 5 and (standard.max(axis=1) / standard.min(axis=1)).max() > 1.01
     assert "equal_step" in controlled["controls"]
+    assert 1 <= controlled["controls"]["equal_step"]["spread_after_max"] < 1 + 1e-5  # re-measured, every step
+    n_layers = controlled["run"]["n_layers"]
+    for run in (controlled, train(*common, "control=standard")):  # the first updates' ratios, before any control
+        assert len(run["init"]["update_rel"]) == 5 and {len(s) for s in run["init"]["update_rel"]} == {n_layers}
+        assert run["init"]["update_rel_slope"] is not None

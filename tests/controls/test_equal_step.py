@@ -123,7 +123,7 @@ def test_include_parts_and_target_none() -> None:
     control = EqualStep(include=["embeddings", "final_norm", "head"])
     fit(ToyModule(), [control], steps=3)
     assert control.layer_names[0] == "embeddings" and control.layer_names[-2:] == ["final_norm", "head"]
-    assert_equal_ratios(control.history[:, 1], rtol=1e-6)
+    assert_equal_ratios(control.history[:, 1], rtol=2e-5)  # re-measured from the stored float32 weights
 
 
 class StartAt(L.Callback):
@@ -303,7 +303,7 @@ def test_bf16_mixed() -> None:
     control, tracker = EqualStep(), RatioTracker()
     fit(ToyModule(), [control, tracker], steps=4, precision="bf16-mixed")
     assert control.steps == 4
-    assert_equal_ratios(control.history[:, 1], rtol=1e-6)
+    assert_equal_ratios(control.history[:, 1], rtol=2e-5)  # re-measured from the stored float32 weights
     assert_equal_ratios(torch.stack(tracker.ratios), rtol=2e-5)
 
 
@@ -317,7 +317,7 @@ def test_clipping_and_scheduler() -> None:
     trainer, _ = fit(module, [control, tracker], steps=4, gradient_clip_val=0.05)
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(2.0 * 0.5**4)
     assert_equal_ratios(torch.stack(tracker.ratios), rtol=2e-5)
-    assert_equal_ratios(control.history[:, 1], rtol=1e-6)
+    assert_equal_ratios(control.history[:, 1], rtol=2e-5)  # re-measured from the stored float32 weights
     assert spreads(control.history[:, 0]).min() > 3
 
 
@@ -368,8 +368,9 @@ def check_fsdp2(ranks: list[dict]) -> None:
     for r in ranks:
         f = r["fsdp2"]
         assert f["max_abs_diff"] < 1e-5  # gathered FSDP2 params == unsharded equal-step run
-        assert f["all_reduce_per_step"] == [1, 1, 1, 1]  # exactly one collective per step
-        assert f["all_reduce_shapes"] == [(2, 3)] * 4  # the stacked [2, n_layers] sums of squares
+        assert f["all_reduce_per_step"] == [2, 2, 2, 2]  # two collectives per step, nothing gathered:
+        # the stacked [3, n_layers] sums of squares (W_old, ΔW, gradient), then the re-measured ||W_final - W_old||
+        assert f["all_reduce_shapes"] == [(3, 3), (1, 3)] * 4
         torch.testing.assert_close(f["history"], f["ref_history"], rtol=1e-5, atol=0)
         assert_equal_ratios(f["history"][:, 1], rtol=1e-6)
     assert ranks[1]["fsdp2"]["local_numels"][0] == 0  # the size-1 gate: an empty shard on rank 1
@@ -397,3 +398,109 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     ranks = _load(tmp_path)
     check_ddp(ranks)
     check_fsdp2(ranks)
+
+
+# 7. Regimes where the promise could break: low precision, zero gradients, weight decay.
+
+
+def _core_step(core: EqualStepCore, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    opt.zero_grad()
+    model(x).backward()
+    core.snapshot()
+    opt.step()
+    core.update()
+
+
+def test_after_ratios_are_re_measured_from_the_stored_weights() -> None:
+    """In bfloat16 the rescale is undone by rounding; `ratio_after` says so instead of echoing the target."""
+    spreads_by_dtype = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = Toy().to(dtype)
+        names, layers = collect_layers(model)
+        core = EqualStepCore(layers, target="mean", names=names)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+        x = torch.randn(4, 6, dtype=dtype)
+        old = [[p.detach().double().clone() for p in ps] for ps in layers]
+        _core_step(core, model, opt, x)
+        stored = torch.tensor([
+            sum(((p.detach().double() - o) ** 2).sum() for p, o in zip(ps, os_, strict=True)).sqrt()
+            / sum((o**2).sum() for o in os_).sqrt() for ps, os_ in zip(layers, old, strict=True)])
+        moved = core.ratio_after > 0
+        torch.testing.assert_close(core.ratio_after[moved].double(), stored[moved], rtol=1e-2, atol=0)
+        spreads_by_dtype[dtype] = (core.ratio_after[moved].max() / core.ratio_after[moved].min()).item()
+    assert spreads_by_dtype[torch.float32] < 1 + 1e-4
+    assert spreads_by_dtype[torch.bfloat16] > 1.01  # rounding to 8 bits of mantissa: far from equal
+
+
+def test_low_precision_block_parameters_are_refused() -> None:
+    L.seed_everything(0, verbose=False)
+    with pytest.raises(ValueError, match=r"bfloat16 block parameters.*model.dtype=float32"):
+        fit(ToyModule().to(torch.bfloat16), [EqualStep()], steps=1)
+    control = UpdateRatioMonitor()  # measuring alone changes nothing, so it works in any dtype
+    fit(ToyModule().to(torch.bfloat16), [control], steps=1)
+    assert control.steps == 1
+
+
+def test_a_block_without_gradient_is_left_alone_under_weight_decay() -> None:
+    """block_02's output is multiplied by 0: its gradient is exactly zero and AdamW moves it by decay alone (and,
+    after the first step, by momentum). Scaling that to the target would shrink or shake it."""
+
+    class ZeroPath(Toy):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.embed(x)
+            for i, block in enumerate(self.blocks):
+                x = x + (0.0 if i == 2 else i + 1) * block(x)
+            return self.head(x).sum()
+
+    torch.manual_seed(0)
+    model = ZeroPath()
+    names, layers = collect_layers(model)
+    core = EqualStepCore(layers, target="mean", names=names)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    zero = names.index("block_02")
+    before = [p.detach().clone() for p in layers[zero]]
+    _core_step(core, model, opt, torch.randn(4, 6))
+    decayed = [b * (1 - 1e-2 * 0.1) for b in before]  # what AdamW did to it on step 1: decay only
+    assert all(torch.allclose(p, d, rtol=0, atol=1e-7) for p, d in zip(layers[zero], decayed, strict=True))
+    for _ in range(3):
+        assert all(p.grad is not None and not p.grad.any() for p in layers[zero])
+        assert core.ratio_before[zero] == 0 and core.ratio_after[zero] == 0
+        after = core.ratio_after[core.ratio_after > 0]
+        assert len(after) == len(names) - 1 and after.max() / after.min() < 1 + 1e-4
+        _core_step(core, model, opt, torch.randn(4, 6))
+
+
+def test_unscaled_decay_equalizes_the_gradient_part_and_applies_decay_as_adamw() -> None:
+    torch.manual_seed(0)
+    model = Toy()
+    names, layers = collect_layers(model)
+    lr, wd = 1e-2, 0.5
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=wd)
+    core = EqualStepCore(layers, target="mean", names=names)
+    core.use_decay_from(opt)
+    old = [[p.detach().double().clone() for p in ps] for ps in layers]
+    _core_step(core, model, opt, torch.randn(4, 6))
+    moved = [i for i, name in enumerate(names) if name != "block_02"]
+    # W_final = (W_old + s ΔW_grad)(1 - lr wd): undo the decay, and the gradient parts have equal ratios
+    grad_part = torch.tensor([
+        sum(((p.detach().double() / (1 - lr * wd) - o) ** 2).sum() for p, o in zip(layers[i], old[i], strict=True)).sqrt()
+        / sum((o**2).sum() for o in old[i]).sqrt() for i in moved])
+    assert grad_part.max() / grad_part.min() < 1 + 1e-4
+    torch.testing.assert_close(grad_part, core.ratio_after[moved].double(), rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="AdamW"):
+        core.use_decay_from(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="decay"):
+        EqualStep(decay="sometimes")
+
+
+def test_summary_reports_the_largest_re_measured_spread_and_the_first_update_ratios() -> None:
+    L.seed_everything(0, verbose=False)
+    control = EqualStep()
+    fit(ToyModule(), [control], steps=6)
+    summary = control.summary()
+    assert 1 <= summary["spread_after_max"] < 1 + 1e-4 and summary["decay"] == "scaled"
+    assert summary["spread_after_max"] >= summary["spread_after_median"]
+    first = control.first_update_ratios()
+    assert len(first) == 5 and all(len(step) == 4 for step in first)  # 5 steps x 4 blocks, parts excluded
+    torch.testing.assert_close(torch.tensor(first), control.history[:5, 0])
