@@ -8,6 +8,8 @@ rank trains and measures, and rank zero alone writes files and prints.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import sys
 import time
 from pathlib import Path
@@ -83,8 +85,31 @@ def run(cfg: DictConfig) -> dict:
         return train_and_measure(cfg, run_dir, attempt, checked.controls)
     except BaseException as error:
         if is_main_process():
-            run_dir.write_failure(error, step=attempt.step)
+            with contextlib.suppress(OSError):  # the disk that failed the run may not take failed.json either
+                run_dir.write_failure(error, step=attempt.step)
+        storage = storage_error(error)
+        if storage is not None:
+            kept = run_dir.last_checkpoint()
+            raise UserError(
+                f"The run stopped at step {attempt.step} because a file could not be written: "
+                f"{storage.filename or 'a file'}: {storage.strerror}. "
+                + (f"The last complete checkpoint is kept ({kept}); " if kept else "No checkpoint was written yet; ")
+                + "free space or fix permissions, then relaunch the same command to resume.") from error
         raise
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_error(error: BaseException) -> OSError | None:
+    """The disk-full / read-only / permission error behind a failure, if that is what it was."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class Attempt:

@@ -67,6 +67,36 @@ def test_any_failure_writes_failed_json_and_a_success_clears_it(train, tmp_path)
     assert not (tmp_path / "runs" / results["run"]["name"] / "failed.json").exists()
 
 
+def test_a_full_disk_mid_run_is_one_clear_error_and_keeps_the_last_checkpoint(train, tmp_path, monkeypatch):
+    """The third checkpoint write fails with ENOSPC: the run stops with a paragraph, the second stays loadable."""
+    import errno
+
+    from lightning.fabric.plugins.io import torch_io
+
+    from locality.errors import UserError
+
+    real_save, writes = torch_io._atomic_save, []
+
+    def filling_disk(checkpoint, path):
+        writes.append(path)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(checkpoint, path)
+
+    monkeypatch.setattr(torch_io, "_atomic_save", filling_disk)
+    with pytest.raises(UserError, match=r"stopped at step 3 .*No space left on device.*last complete checkpoint"):
+        train("model=tiny_gpt2", "objective=clm", "logger=none", "trainer.max_steps=6", "trainer.ckpt_every_n_steps=1")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not (run_dir / "results.json").exists()
+    assert "No space left on device" in json.loads((run_dir / "failed.json").read_text())["reason"]
+    kept = torch.load(run_dir / "checkpoints" / "previous.ckpt", weights_only=False, map_location="cpu")
+    assert kept["global_step"] == 2  # the write that failed replaced nothing
+    monkeypatch.setattr(torch_io, "_atomic_save", real_save)  # space freed: the same command resumes
+    results = train("model=tiny_gpt2", "objective=clm", "logger=none", "trainer.max_steps=6",
+                    "trainer.ckpt_every_n_steps=1")
+    assert results["run"]["steps"] == 6 and results["run"]["resumed_from_steps"] == [2]
+
+
 def test_results_json_has_the_users_umask(train, tmp_path):
     old = os.umask(0o022)
     try:

@@ -397,13 +397,25 @@ class UpdateRatioMonitor(Control):
                 f"{type(self).__name__} needs exactly one optimizer holding the block parameters; "
                 f"found {len(owners)}."
             )
-        self.core = EqualStepCore(layers, target=self.target, names=names)
+        self.core = self._build_core(pl_module, names, layers)
         self._optimizer = owners[0]
         self._handles = [
             owners[0].register_step_pre_hook(self._before_step),
             owners[0].register_step_post_hook(self._after_step),
         ]
         self._restore()
+
+    def _build_core(self, pl_module: LightningModule, names: list[str], layers: list) -> EqualStepCore:
+        from locality.controls.lora_ratios import MergedLoRARatios, lora_layers
+
+        if not any(lora_layers(block) for block in pl_module.blocks):
+            return EqualStepCore(layers, target=self.target, names=names)
+        if self.target is not None or self.include:
+            raise ValueError(f"{type(self).__name__} with LoRA: equalizing (or including parts) would act on the "
+                             "adapter matrices, not the effective weights W0 + s*BA the ratio is about. Measure "
+                             "with UpdateRatioMonitor, or fine-tune fully.")
+        blocks = [f"block_{i:02d}" for i in range(len(pl_module.blocks))]
+        return MergedLoRARatios(pl_module.blocks, blocks)
 
     def state_dict(self) -> dict[str, Any]:
         """The per-step history `summary()` is computed from, saved with every checkpoint."""

@@ -504,3 +504,43 @@ def test_summary_reports_the_largest_re_measured_spread_and_the_first_update_rat
     first = control.first_update_ratios()
     assert len(first) == 5 and all(len(step) == 4 for step in first)  # 5 steps x 4 blocks, parts excluded
     torch.testing.assert_close(torch.tensor(first), control.history[:5, 0])
+
+
+class MergedWeightTracker(L.Callback):
+    """Reads every block's effective weights (LoRA merged: `block_state`) around each step."""
+
+    def __init__(self) -> None:
+        self.ratios: list[list[float]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from locality.measure.weights import block_state
+
+        self._before = [{k: v.clone() for k, v in block_state(b).items()} for b in pl_module.blocks]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from locality.measure.weights import block_state
+
+        self.ratios.append([
+            (sum(((after[k] - v) ** 2).sum() for k, v in before.items()) / sum((v**2).sum() for v in before.values()))
+            .sqrt().item() for before, after in zip(self._before, (block_state(b) for b in pl_module.blocks),
+                                                    strict=True)])
+
+
+def test_lora_runs_log_the_ratios_of_the_merged_weights_and_equal_step_refuses_them() -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def lora_toy() -> ToyModule:
+        module = ToyModule()
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"]), module)
+        for name, p in module.named_parameters():
+            p.requires_grad = "lora_" in name or name.startswith("head")
+        return module
+
+    L.seed_everything(0, verbose=False)
+    monitor, tracker = UpdateRatioMonitor(), MergedWeightTracker()
+    fit(lora_toy(), [monitor, tracker], steps=4)
+    measured = monitor.history[:, 0]
+    assert measured.shape == (4, 4) and (measured > 0).all()  # B = 0 at first, yet the merged weights move
+    torch.testing.assert_close(measured, torch.tensor(tracker.ratios), rtol=1e-4, atol=0)
+    with pytest.raises(ValueError, match="effective weights"):
+        fit(lora_toy(), [EqualStep()], steps=1)
