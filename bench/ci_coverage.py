@@ -61,19 +61,27 @@ def sample(n: int, d: int, seed: int, params) -> tuple[list[torch.Tensor], list[
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
     noise_scale = float(scale.square().mean().sqrt())
-    post = [x @ R + s * noise_scale * torch.randn(n, d, generator=g, dtype=torch.float64)
-            for R, s in zip(rotations, sigma, strict=True)]
+    post = [
+        x @ R + s * noise_scale * torch.randn(n, d, generator=g, dtype=torch.float64)
+        for R, s in zip(rotations, sigma, strict=True)
+    ]
     return [x] * N_LAYERS, post
 
 
 def population(d: int, n_truth: int, params) -> dict[str, float]:
     """Slope of each metric's population profile, estimated on one very large sample (feature-space forms)."""
     pre, post = sample(n_truth, d, 0, params)
-    fns = {"cosine": cosine_distance, "cka_linear": lambda a, b: 1 - linear_cka(a, b),
-           "cka_debiased": lambda a, b: 1 - linear_cka(a, b, debiased=True), "procrustes": procrustes_distance}
+    fns = {
+        "cosine": cosine_distance,
+        "cka_linear": lambda a, b: 1 - linear_cka(a, b),
+        "cka_debiased": lambda a, b: 1 - linear_cka(a, b, debiased=True),
+        "procrustes": procrustes_distance,
+    }
     depth = [i / (N_LAYERS - 1) for i in range(N_LAYERS)]
-    return {m: profile_stats(depth, [fn(a, b) for a, b in zip(pre, post, strict=True)])["slope"]
-            for m, fn in fns.items()}
+    return {
+        m: profile_stats(depth, [fn(a, b) for a, b in zip(pre, post, strict=True)])["slope"]
+        for m, fn in fns.items()
+    }
 
 
 def one(args) -> dict[str, tuple]:
@@ -88,13 +96,20 @@ def one(args) -> dict[str, tuple]:
         b = profile_stats(depth, boot[m].values, boot[m].replicates, ci=ci, method="basic")
         j = profile_stats(depth, boot[m].values, ci=ci, method="jackknife", jackknife=jack[m])
         t = truth[m]
-        out[m] = (b["slope_ci"][0] <= t <= b["slope_ci"][1], j["slope_ci"][0] <= t <= j["slope_ci"][1],
-                  b["slope"] - t, j["slope_jackknife"] - t, b["slope_ci"][1] - b["slope_ci"][0],
-                  j["slope_ci"][1] - j["slope_ci"][0])
+        out[m] = (
+            b["slope_ci"][0] <= t <= b["slope_ci"][1],
+            j["slope_ci"][0] <= t <= j["slope_ci"][1],
+            b["slope"] - t,
+            j["slope_jackknife"] - t,
+            b["slope_ci"][1] - b["slope_ci"][0],
+            j["slope_ci"][1] - j["slope_ci"][0],
+        )
     return out
 
 
-def run_setting(n: int, d: int, sims: int, n_boot: int, groups: int, ci: float, n_truth: int, workers: int) -> None:
+def run_setting(
+    n: int, d: int, sims: int, n_boot: int, groups: int, ci: float, n_truth: int, workers: int
+) -> None:
     params = model(d)
     start = time.perf_counter()
     truth = population(d, n_truth, params)
@@ -103,23 +118,35 @@ def run_setting(n: int, d: int, sims: int, n_boot: int, groups: int, ci: float, 
         results = list(pool.map(one, jobs, chunksize=max(1, sims // (4 * workers))))
     se = math.sqrt(ci * (1 - ci) / sims)
     rule = "jackknife" if d <= n / 4 else "none (d > n/4)"
-    print(f"\nn={n} probe rows, d={d} features, {N_LAYERS} layers, {sims} simulations, {n_boot} bootstrap "
-          f"replicates, G={groups} jackknife groups, nominal {100 * ci:g}% (MC s.e. {se:.3f}); "
-          f"plug-in rule here: {rule}; {time.perf_counter() - start:.0f} s")
-    print(f"{'metric':<13} {'true slope':>10} {'cover boot':>10} {'cover jack':>10} {'bias plain':>10} "
-          f"{'bias jack':>10} {'width boot':>10} {'width jack':>10}")
+    print(
+        f"\nn={n} probe rows, d={d} features, {N_LAYERS} layers, {sims} simulations, {n_boot} bootstrap "
+        f"replicates, G={groups} jackknife groups, nominal {100 * ci:g}% (MC s.e. {se:.3f}); "
+        f"plug-in rule here: {rule}; {time.perf_counter() - start:.0f} s"
+    )
+    print(
+        f"{'metric':<13} {'true slope':>10} {'cover boot':>10} {'cover jack':>10} {'bias plain':>10} "
+        f"{'bias jack':>10} {'width boot':>10} {'width jack':>10}"
+    )
     for m in METRICS:
         rows = np.array([r[m] for r in results], dtype=np.float64)
         t = truth[m]
-        print(f"{m:<13} {t:10.5f} {rows[:, 0].mean():10.3f} {rows[:, 1].mean():10.3f} "
-              f"{rows[:, 2].mean() / abs(t):+10.1%} {rows[:, 3].mean() / abs(t):+10.1%} "
-              f"{rows[:, 4].mean():10.5f} {rows[:, 5].mean():10.5f}")
+        print(
+            f"{m:<13} {t:10.5f} {rows[:, 0].mean():10.3f} {rows[:, 1].mean():10.3f} "
+            f"{rows[:, 2].mean() / abs(t):+10.1%} {rows[:, 3].mean() / abs(t):+10.1%} "
+            f"{rows[:, 4].mean():10.5f} {rows[:, 5].mean():10.5f}"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--settings", nargs="+", default=["256x8", "128x32"],
-                        help="NxD settings: probe rows x feature dimension (default: n >> d and d = n/4)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        default=["256x8", "128x32"],
+        help="NxD settings: probe rows x feature dimension (default: n >> d and d = n/4)",
+    )
     parser.add_argument("--sims", type=int, default=160)
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--groups", type=int, default=32)

@@ -28,26 +28,44 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m locality.analyze", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs or globs holding results.json files")
     parser.add_argument("--out", type=Path, help="output directory (default: <first path>/analysis)")
-    parser.add_argument("--metric", help="change metric for figures and tables (default: cosine_tokens, the "
-                                         "paper's per-token cosine distance, when the runs have it)")
-    parser.add_argument("--wandb", action="store_true", help="log tables and figures to W&B (offline by default)")
+    parser.add_argument(
+        "--metric",
+        help="change metric for figures and tables (default: cosine_tokens, the "
+        "paper's per-token cosine distance, when the runs have it)",
+    )
+    parser.add_argument(
+        "--wandb", action="store_true", help="log tables and figures to W&B (offline by default)"
+    )
     args = parser.parse_args(argv)
 
     found = inventory(args.paths)
     for bad in found.unreadable:
         print(f"locality: skipping {bad['path']}: {bad['reason']}", file=sys.stderr)
     if not found.results:
-        print(f"locality: no finished runs (results.json) under {' '.join(args.paths)}"
-              + (f"; {len(found.failed)} failed, {len(found.incomplete)} incomplete." if found.failed or
-                 found.incomplete else "."), file=sys.stderr)
+        print(
+            f"locality: no finished runs (results.json) under {' '.join(args.paths)}"
+            + (
+                f"; {len(found.failed)} failed, {len(found.incomplete)} incomplete."
+                if found.failed or found.incomplete
+                else "."
+            ),
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
-    runs, layers, dynamics = runs_table(found.results), layers_table(found.results), dynamics_table(found.results)
-    offered = [c.removesuffix("_slope") for c in runs.columns if c.endswith("_slope")
-               and not c.startswith("init_")]
+    runs, layers, dynamics = (
+        runs_table(found.results),
+        layers_table(found.results),
+        dynamics_table(found.results),
+    )
+    offered = [
+        c.removesuffix("_slope") for c in runs.columns if c.endswith("_slope") and not c.startswith("init_")
+    ]
     metric = args.metric or next((m for m in DEFAULT_METRICS if m in offered), offered[0])
     if metric not in offered:
-        print(f"locality: metric '{metric}' is not in these results; they have: {', '.join(sorted(offered))}.",
-              file=sys.stderr)
+        print(
+            f"locality: metric '{metric}' is not in these results; they have: {', '.join(sorted(offered))}.",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     out = args.out or Path(args.paths[0] if Path(args.paths[0]).is_dir() else ".") / "analysis"
     (out / "tables").mkdir(parents=True, exist_ok=True)
@@ -69,14 +87,20 @@ def main(argv: list[str] | None = None) -> int:
         table.to_csv(out / "tables" / f"{name}.csv", index=False)
     rho = paper_tables["steepness_vs_distance"]
     rho_all = rho[rho.control == "all"].iloc[0].to_dict() if (rho.control == "all").any() else None
-    made = [figures.profile_figure(layers, metric, out), figures.slope_forest(runs, metric, out, ci=ci),
-            figures.steepness_scatter(runs, metric, out, rho_all), figures.dynamics_figure(dynamics, metric, out)]
+    made = [
+        figures.profile_figure(layers, metric, out),
+        figures.slope_forest(runs, metric, out, ci=ci),
+        figures.steepness_scatter(runs, metric, out, rho_all),
+        figures.dynamics_figure(dynamics, metric, out),
+    ]
     made = [m for m in made if m is not None]
     summary = summary_markdown(runs, metric, paper_tables, found, missing_planned(args.paths, found))
     (out / "summary.md").write_text(summary)
     print(summary)
-    print(f"{len(found.results)} runs -> {out}: runs.csv, layers.csv, tables/ ({len(paper_tables)}), "
-          f"figures/ ({', '.join(f.name for f in made)}), summary.md")
+    print(
+        f"{len(found.results)} runs -> {out}: runs.csv, layers.csv, tables/ ({len(paper_tables)}), "
+        f"figures/ ({', '.join(f.name for f in made)}), summary.md"
+    )
     if args.wandb:
         log_to_wandb(out, paper_tables, made, runs)
     return 0
@@ -109,7 +133,9 @@ def missing_planned(paths: list[str], found) -> list[str] | None:
     return missing if missing else None
 
 
-def log_to_wandb(out: Path, paper_tables: dict[str, pd.DataFrame], made: list[Path], runs: pd.DataFrame) -> None:
+def log_to_wandb(
+    out: Path, paper_tables: dict[str, pd.DataFrame], made: list[Path], runs: pd.DataFrame
+) -> None:
     """One W&B analysis run in the sweep's group: the tables as W&B Tables and the figures as images."""
     try:
         import os
@@ -118,15 +144,28 @@ def log_to_wandb(out: Path, paper_tables: dict[str, pd.DataFrame], made: list[Pa
 
         sweeps = runs["sweep"].dropna() if "sweep" in runs else pd.Series(dtype=object)
         group = sweeps.iloc[0] if len(sweeps) else out.parent.name
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "locality"), group=group, job_type="analysis",
-                         name=f"analysis-{group}", dir=str(out), mode=os.environ.get("WANDB_MODE", "offline"),
-                         settings=wandb.Settings(init_timeout=30))
-        run.log({f"tables/{name}": wandb.Table(dataframe=table.fillna("")) for name, table in paper_tables.items()})
+        run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "locality"),
+            group=group,
+            job_type="analysis",
+            name=f"analysis-{group}",
+            dir=str(out),
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            settings=wandb.Settings(init_timeout=30),
+        )
+        run.log(
+            {
+                f"tables/{name}": wandb.Table(dataframe=table.fillna(""))
+                for name, table in paper_tables.items()
+            }
+        )
         run.log({f"figures/{path.stem}": wandb.Image(str(path)) for path in made})
         run.finish()
     except Exception as err:  # the files are written; W&B is a view of them
-        print(f"locality: could not log the analysis to W&B ({err}); the files in {out} are complete.",
-              file=sys.stderr)
+        print(
+            f"locality: could not log the analysis to W&B ({err}); the files in {out} are complete.",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,19 @@ Family = Literal["encoder", "decoder", "ssm", "rnn"]
 BlockType = Literal["sequential", "parallel", "recurrent"]
 HeadKind = Literal["base", "causal_lm", "masked_lm"]
 
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta",
-                 "deberta-v2", "modernbert", "camembert", "mpnet"}
+ENCODER_TYPES = {
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "distilbert",
+    "albert",
+    "electra",
+    "deberta",
+    "deberta-v2",
+    "modernbert",
+    "camembert",
+    "mpnet",
+}
 SSM_TYPES = {"mamba", "mamba2", "falcon_mamba"}
 RNN_TYPES = {"rwkv"}
 # Attention and MLP read the same input and are summed into the residual stream.
@@ -74,7 +85,9 @@ class Backbone:
     block_type: BlockType
     pretrained: bool
     source: str
-    init_from: str = "random"  # hub:<id>@<revision> | local:<dir> | bundled:<package> | pretrained:<key> | random
+    init_from: str = (
+        "random"  # hub:<id>@<revision> | local:<dir> | bundled:<package> | pretrained:<key> | random
+    )
 
     @property
     def base(self) -> nn.Module:
@@ -94,8 +107,10 @@ class Backbone:
 
     def parts(self) -> dict[str, nn.ModuleList]:
         """The non-block parts of the base model, by where its forward runs them (see `part_names`)."""
-        return {part: nn.ModuleList(self.base.get_submodule(name) for name in names)
-                for part, names in self.part_names.items()}
+        return {
+            part: nn.ModuleList(self.base.get_submodule(name) for name in names)
+            for part, names in self.part_names.items()
+        }
 
     @functools.cached_property
     def part_names(self) -> dict[str, list[str]]:
@@ -105,8 +120,10 @@ class Backbone:
         return classify_parts(self.base, self.blocks)
 
     def describe(self) -> str:
-        return (f"{self.name}: {self.family} / {self.block_type}, {self.n_layers} blocks at "
-                f"'{self.blocks_path}', {self.n_params / 1e6:.2f}M parameters ({self.source})")
+        return (
+            f"{self.name}: {self.family} / {self.block_type}, {self.n_layers} blocks at "
+            f"'{self.blocks_path}', {self.n_params / 1e6:.2f}M parameters ({self.source})"
+        )
 
 
 def family_of(config) -> Family:
@@ -136,14 +153,21 @@ def find_blocks(base: nn.Module, blocks_path: str | None = None) -> tuple[str, n
         try:
             blocks = base.get_submodule(blocks_path)
         except AttributeError as err:
-            raise UserError(f"model.blocks_path='{blocks_path}' names no submodule of {type(base).__name__}. "
-                            f"ModuleLists it has: {_module_lists(base)}.") from err
+            raise UserError(
+                f"model.blocks_path='{blocks_path}' names no submodule of {type(base).__name__}. "
+                f"ModuleLists it has: {_module_lists(base)}."
+            ) from err
         return blocks_path, blocks
-    candidates = [(name, m) for name, m in base.named_modules()
-                  if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1]
+    candidates = [
+        (name, m)
+        for name, m in base.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1
+    ]
     if not candidates:
-        raise UserError(f"Could not find the residual blocks of {type(base).__name__}: it has no ModuleList of "
-                        "same-class modules. Set model.blocks_path to the attribute path of its block list.")
+        raise UserError(
+            f"Could not find the residual blocks of {type(base).__name__}: it has no ModuleList of "
+            "same-class modules. Set model.blocks_path to the attribute path of its block list."
+        )
     name, blocks = max(candidates, key=lambda c: (len(c[1]), -c[0].count(".")))
     return name, blocks
 
@@ -172,13 +196,19 @@ def classify_parts(base: nn.Module, blocks: nn.ModuleList) -> dict[str, list[str
     name rule below, as is everything when the probe cannot run (an exotic forward), with a warning.
     """
     block_ids = {id(m) for block in blocks for m in block.modules()}
-    candidates = {name: module for name, module in base.named_modules()
-                  if id(module) not in block_ids and any(True for _ in module.parameters(recurse=False))}
+    candidates = {
+        name: module
+        for name, module in base.named_modules()
+        if id(module) not in block_ids and any(True for _ in module.parameters(recurse=False))
+    }
     try:
         first_call, start, end, reached = _probe_forward(base, blocks, candidates)
     except Exception as err:  # any failure of a foreign forward: fall back to names
-        warnings.warn(f"Could not run a probe forward of {type(base).__name__} ({type(err).__name__}: {err}); "
-                      "its non-block parts are classified by module names instead.", stacklevel=2)
+        warnings.warn(
+            f"Could not run a probe forward of {type(base).__name__} ({type(err).__name__}: {err}); "
+            "its non-block parts are classified by module names instead.",
+            stacklevel=2,
+        )
         return _sorted_parts({name: _part_by_name(name, module) for name, module in candidates.items()})
     found = {}
     for name, module in candidates.items():
@@ -200,7 +230,9 @@ def _probe_forward(base: nn.Module, blocks: nn.ModuleList, candidates: dict[str,
     parameters the last hidden state depends on)."""
     device = next(base.parameters()).device
     vocab = base.get_input_embeddings().num_embeddings
-    input_ids = (torch.arange(1, 5, device=device).repeat(2, 1) + torch.tensor([[0], [4]], device=device)) % vocab
+    input_ids = (
+        torch.arange(1, 5, device=device).repeat(2, 1) + torch.tensor([[0], [4]], device=device)
+    ) % vocab
     config = getattr(base, "config", None)
     use_cache = {"use_cache": False} if getattr(config, "use_cache", None) is not None else {}
     params = [p for m in candidates.values() for p in m.parameters(recurse=False)]
@@ -213,10 +245,13 @@ def _probe_forward(base: nn.Module, blocks: nn.ModuleList, candidates: dict[str,
         def hook(*_):
             first_call.setdefault(name, len(events))
             events.append(name)
+
         return hook
 
-    handles = [blocks[0].register_forward_pre_hook(record("<start>")),
-               blocks[-1].register_forward_hook(record("<end>"))]
+    handles = [
+        blocks[0].register_forward_pre_hook(record("<start>")),
+        blocks[-1].register_forward_hook(record("<end>")),
+    ]
     try:
         handles += [module.register_forward_pre_hook(record(name)) for name, module in candidates.items()]
         for p in params:
@@ -281,34 +316,47 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
             return str(Path(spec.origin).parent / subdir), True
     if path.exists() or _looks_like_path(name_or_path):
         what = "is a file, not a model directory" if path.exists() else "does not exist"
-        raise UserError(f"model.name_or_path={name_or_path!r} {what}. Give a directory written by "
-                        "`save_pretrained` (config.json plus weights), or a Hugging Face hub id such as "
-                        "'EleutherAI/pythia-160m'.")
+        raise UserError(
+            f"model.name_or_path={name_or_path!r} {what}. Give a directory written by "
+            "`save_pretrained` (config.json plus weights), or a Hugging Face hub id such as "
+            "'EleutherAI/pythia-160m'."
+        )
     _check_hub_id(name_or_path)
     return name_or_path, False
 
 
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 
 def check_model_dir(path: Path, given: str) -> None:
     """A local model directory needs a readable config.json with a model_type (weights are checked on load)."""
-    fix = ("Point model.name_or_path at a directory written by `model.save_pretrained(dir)` and "
-           "`tokenizer.save_pretrained(dir)`.")
+    fix = (
+        "Point model.name_or_path at a directory written by `model.save_pretrained(dir)` and "
+        "`tokenizer.save_pretrained(dir)`."
+    )
     config_file = path / "config.json"
     if not config_file.is_file():
         contents = sorted(p.name for p in path.iterdir())[:8]
-        raise UserError(f"model.name_or_path={given!r} is a directory without a config.json "
-                        f"(it holds {contents or 'nothing'}), so it is not a saved model. {fix}")
+        raise UserError(
+            f"model.name_or_path={given!r} is a directory without a config.json "
+            f"(it holds {contents or 'nothing'}), so it is not a saved model. {fix}"
+        )
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (ValueError, UnicodeDecodeError, AttributeError) as err:
-        raise UserError(f"model.name_or_path={given!r}: {config_file} is not a JSON model config ({err}). "
-                        f"{fix}") from None
+        raise UserError(
+            f"model.name_or_path={given!r}: {config_file} is not a JSON model config ({err}). {fix}"
+        ) from None
     if not model_type:
-        raise UserError(f"model.name_or_path={given!r}: {config_file} has no 'model_type', so transformers "
-                        f"cannot tell which architecture to build. {fix}")
+        raise UserError(
+            f"model.name_or_path={given!r}: {config_file} has no 'model_type', so transformers "
+            f"cannot tell which architecture to build. {fix}"
+        )
 
 
 def _looks_like_path(name: str) -> bool:
@@ -321,9 +369,11 @@ def _check_hub_id(name: str) -> None:
     try:
         validate_repo_id(name)
     except HFValidationError:
-        raise UserError(f"model.name_or_path={name!r} is neither a local directory nor a valid Hugging Face hub id "
-                        "('name' or 'org/name', letters, digits, '-', '_', '.'). Give a directory written by "
-                        "`save_pretrained` or a hub id.") from None
+        raise UserError(
+            f"model.name_or_path={name!r} is neither a local directory nor a valid Hugging Face hub id "
+            "('name' or 'org/name', letters, digits, '-', '_', '.'). Give a directory written by "
+            "`save_pretrained` or a hub id."
+        ) from None
 
 
 def weights_origin(spec: ModelConf, path: str, local: bool, config) -> str:
@@ -352,7 +402,8 @@ def check_hub_access(hub_id: str, revision: str | None = None, timeout_s: float 
         f"Offline presets that need no download: {', '.join(offline_model_presets())} "
         "(e.g. `python -m locality.train model=minilm` or `model=tiny_gpt2`). A model you saved yourself loads "
         "with `model=hf model.name_or_path=/path/to/dir`. To use the hub, run where it is reachable or fill "
-        "the cache first (`huggingface-cli download " + hub_id + "`).")
+        "the cache first (`huggingface-cli download " + hub_id + "`)."
+    )
 
 
 def _hub_reachable(timeout_s: float) -> bool:
@@ -372,13 +423,16 @@ def load_tokenizer(spec: ModelConf, model_source: str | None) -> PreTrainedToken
     else:
         source = spec.tokenizer or model_source
         if source is None:
-            raise UserError(f"model '{spec.name}' is built from a config and needs model.tokenizer "
-                            "(a hub id, a local dir, or 'corpus_bpe').")
+            raise UserError(
+                f"model '{spec.name}' is built from a config and needs model.tokenizer "
+                "(a hub id, a local dir, or 'corpus_bpe')."
+            )
         path, local = resolve_source(source)
         if not local:
             check_hub_access(path, spec.revision)
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=spec.revision,
-                                                  trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
@@ -390,8 +444,10 @@ def peek_config(spec: ModelConf):
     if spec.arch is not None:
         return AutoConfig.for_model(spec.arch, **spec.config_overrides)
     if spec.name_or_path is None:
-        raise UserError(f"model '{spec.name}' sets neither model.name_or_path nor model.arch. "
-                        "Use `model=hf model.name_or_path=<hub id or local dir>`.")
+        raise UserError(
+            f"model '{spec.name}' sets neither model.name_or_path nor model.arch. "
+            "Use `model=hf model.name_or_path=<hub id or local dir>`."
+        )
     path, local = resolve_source(spec.name_or_path)
     if not local:
         check_hub_access(path, spec.revision)
@@ -400,8 +456,9 @@ def peek_config(spec: ModelConf):
 
 def _read_config(spec: ModelConf, path: str, **overrides):
     try:
-        return AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                                          **overrides)
+        return AutoConfig.from_pretrained(
+            path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, **overrides
+        )
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"Could not read the model config of '{spec.name_or_path}': {err}") from None
 
@@ -424,8 +481,10 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
     objective can refuse a model in seconds.
     """
     if spec.arch is None and spec.name_or_path is None:
-        raise UserError(f"model '{spec.name}' sets neither model.name_or_path nor model.arch. "
-                        "Use `model=hf model.name_or_path=<hub id or local dir>`.")
+        raise UserError(
+            f"model '{spec.name}' sets neither model.name_or_path nor model.arch. "
+            "Use `model=hf model.name_or_path=<hub id or local dir>`."
+        )
     if spec.arch is not None:
         tokenizer = load_tokenizer(spec, None)
         config = AutoConfig.for_model(spec.arch, **_token_ids(tokenizer), **spec.config_overrides)
@@ -452,9 +511,16 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
         model.train()  # a tiny preset comes back in training mode either way (from_pretrained gives eval mode)
     blocks_path, blocks = find_blocks(model.base_model, spec.blocks_path)
     backbone = Backbone(
-        name=spec.name, model=model, tokenizer=tokenizer, blocks=blocks, blocks_path=blocks_path,
-        family=family, block_type=spec.block_type or block_type_of(config, family),
-        pretrained=pretrained, source=source, init_from=init_from,
+        name=spec.name,
+        model=model,
+        tokenizer=tokenizer,
+        blocks=blocks,
+        blocks_path=blocks_path,
+        family=family,
+        block_type=spec.block_type or block_type_of(config, family),
+        pretrained=pretrained,
+        source=source,
+        init_from=init_from,
     )
     backbone.part_names  # noqa: B018 -- classify the parts now, on the fresh, unsharded model
     return backbone
@@ -465,13 +531,21 @@ def _instantiate(spec: ModelConf, config, path: str | None, head: HeadKind) -> P
     try:
         if path is None:
             return auto_class.from_config(config, dtype=dtype)
-        model, info = auto_class.from_pretrained(path, config=config, revision=spec.revision, dtype=dtype,
-                                                 trust_remote_code=spec.trust_remote_code, output_loading_info=True)
+        model, info = auto_class.from_pretrained(
+            path,
+            config=config,
+            revision=spec.revision,
+            dtype=dtype,
+            trust_remote_code=spec.trust_remote_code,
+            output_loading_info=True,
+        )
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):
             raise
-        raise UserError(f"Model '{spec.name}' ({config.model_type}) has no {head.replace('_', ' ')} head class in "
-                        "transformers, so this objective cannot use it. Choose another objective.") from None
+        raise UserError(
+            f"Model '{spec.name}' ({config.model_type}) has no {head.replace('_', ' ')} head class in "
+            "transformers, so this objective cannot use it. Choose another objective."
+        ) from None
     _refuse_random_head(spec, model, info.get("missing_keys", []), head)
     return model
 
@@ -497,4 +571,5 @@ def _refuse_random_head(spec: ModelConf, model: PreTrainedModel, missing: list[s
             f"Checkpoint '{spec.name_or_path}' has no pretrained {kind} head (missing {missing_head[0]}"
             f"{' and more' if len(missing_head) > 1 else ''}), so this objective would start from a random head. "
             "Choose an objective with a new task head (objective=cls or objective=tok) or a checkpoint that "
-            "ships the head.")
+            "ships the head."
+        )

@@ -72,11 +72,19 @@ RULES = [
     Rule("seed", at_least(0), "an integer >= 0", "0"),
     Rule("optim.lr", above(0), "a learning rate > 0", "1e-4"),
     Rule("optim.weight_decay", at_least(0, integer=False), "a number >= 0", "0.01"),
-    Rule("optim.warmup", at_least(0, integer=False),
-         "a fraction of the steps in [0, 1) or a number of steps >= 1", "0.1"),
+    Rule(
+        "optim.warmup",
+        at_least(0, integer=False),
+        "a fraction of the steps in [0, 1) or a number of steps >= 1",
+        "0.1",
+    ),
     Rule("optim.eps", above(0), "a number > 0", "1e-8"),
-    Rule("optim.betas", lambda v: isinstance(v, list) and len(v) == 2 and all(within(0, 1)(b) for b in v),
-         "two numbers in [0, 1)", "[0.9,0.999]"),
+    Rule(
+        "optim.betas",
+        lambda v: isinstance(v, list) and len(v) == 2 and all(within(0, 1)(b) for b in v),
+        "two numbers in [0, 1)",
+        "[0.9,0.999]",
+    ),
     Rule("trainer.max_steps", at_least(1), "a number of optimizer steps >= 1", "100"),
     Rule("trainer.accumulate_grad_batches", at_least(1), "an integer >= 1", "1"),
     Rule("trainer.ckpt_every_n_steps", at_least(1), "an integer >= 1", "100"),
@@ -115,8 +123,9 @@ def check_values(cfg: DictConfig) -> None:
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value)
         if not rule.ok(value):
-            raise UserError(f"{rule.key}={value!r} is invalid: it must be {rule.need} "
-                            f"(e.g. {rule.key}={rule.example}).")
+            raise UserError(
+                f"{rule.key}={value!r} is invalid: it must be {rule.need} (e.g. {rule.key}={rule.example})."
+            )
     _check_bootstrap(cfg.measure)
     _check_choices(cfg)
 
@@ -127,8 +136,10 @@ def _check_bootstrap(measure: DictConfig) -> None:
         value = measure[key]
         if not (_integer(value) and (value >= least or may_be_off and value == 0)):
             off = " or 0 for no Procrustes bootstrap" if may_be_off else ""
-            raise UserError(f"measure.{key}={value!r} is too few bootstrap replicates for a {measure.ci:.0%} "
-                            f"interval: use at least {least} (2 / (1 - measure.ci)){off}, e.g. measure.{key}=200.")
+            raise UserError(
+                f"measure.{key}={value!r} is too few bootstrap replicates for a {measure.ci:.0%} "
+                f"interval: use at least {least} (2 / (1 - measure.ci)){off}, e.g. measure.{key}=200."
+            )
 
 
 def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
@@ -163,8 +174,9 @@ def _check_choices(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r} is not a valid choice; choose one of: {', '.join(valid)}.")
     unknown = [m for m in cfg.measure.metrics if m not in MEASURE_METRICS]
     if unknown:
-        raise UserError(f"measure.metrics has unknown metric(s) {unknown}; valid metrics: "
-                        f"{', '.join(MEASURE_METRICS)}.")
+        raise UserError(
+            f"measure.metrics has unknown metric(s) {unknown}; valid metrics: {', '.join(MEASURE_METRICS)}."
+        )
 
 
 @dataclass
@@ -209,14 +221,18 @@ def check_control_combination(controls: list, dtype: str) -> None:
     if not any(isinstance(c, EqualStep) for c in controls):
         return
     if dtype in ("bfloat16", "float16"):
-        raise UserError(f"control equal_step with model.dtype={dtype}: rounding each updated weight to {dtype} "
-                        "undoes the rescale (a max/min spread of 1.3-1.8 per step instead of 1.000001). Keep "
-                        "float32 parameters and compute in bf16: model.dtype=float32 trainer.precision=bf16-mixed.")
+        raise UserError(
+            f"control equal_step with model.dtype={dtype}: rounding each updated weight to {dtype} "
+            "undoes the rescale (a max/min spread of 1.3-1.8 per step instead of 1.000001). Keep "
+            "float32 parameters and compute in bf16: model.dtype=float32 trainer.precision=bf16-mixed."
+        )
     if any(isinstance(c, LoRA) for c in controls):
-        raise UserError("control=[lora,equal_step] is not supported: equal-step would equalize the adapter "
-                        "matrices' own ratios while the effective weights W0 + s*BA, whose ||dW||/||W|| the paper "
-                        "means, move with a spread of about 3 across blocks. Use equal_step with full fine-tuning, "
-                        "or lora with control=standard.")
+        raise UserError(
+            "control=[lora,equal_step] is not supported: equal-step would equalize the adapter "
+            "matrices' own ratios while the effective weights W0 + s*BA, whose ||dW||/||W|| the paper "
+            "means, move with a spread of about 3 across blocks. Use equal_step with full fine-tuning, "
+            "or lora with control=standard."
+        )
 
 
 def check_accelerator(accelerator: str) -> None:
@@ -225,8 +241,10 @@ def check_accelerator(accelerator: str) -> None:
     import torch
 
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise UserError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
-                        "(torch.cuda.is_available() is False). Use trainer.accelerator=auto or cpu.")
+        raise UserError(
+            f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
+            "(torch.cuda.is_available() is False). Use trainer.accelerator=auto or cpu."
+        )
 
 
 def check_writable(path: Path, key: str) -> None:
@@ -243,8 +261,10 @@ def check_writable(path: Path, key: str) -> None:
         except OSError as err:
             problem = f"files cannot be created in {existing} ({err.strerror or err})"
     if problem:
-        raise UserError(f"{key}={str(path)!r} cannot hold run outputs: {problem}. Choose a writable directory, "
-                        f"e.g. {key}=$HOME/locality-outputs (or set $LOCALITY_OUTPUTS).")
+        raise UserError(
+            f"{key}={str(path)!r} cannot hold run outputs: {problem}. Choose a writable directory, "
+            f"e.g. {key}=$HOME/locality-outputs (or set $LOCALITY_OUTPUTS)."
+        )
 
 
 class PreflightCallback(Callback):

@@ -59,12 +59,16 @@ class ModelConf:
         if not isinstance(self.pretrain, PretrainConf):  # a mapping from the composed config
             self.pretrain = PretrainConf(**self.pretrain)
         if self.init not in INITS:
-            raise UserError(f"model.init={self.init!r} is not a valid choice; choose one of: {', '.join(INITS)} "
-                            "(pretrained: the tiny preset's offline-pretrained checkpoint; random: random init).")
+            raise UserError(
+                f"model.init={self.init!r} is not a valid choice; choose one of: {', '.join(INITS)} "
+                "(pretrained: the tiny preset's offline-pretrained checkpoint; random: random init)."
+            )
         if self.init == "random" and self.arch is None:
-            raise UserError(f"model.init=random applies to presets built from a config (tiny_*); model "
-                            f"'{self.name}' loads the weights of checkpoint '{self.name_or_path}'. Use a tiny_* "
-                            "preset for a randomly initialised model, or drop model.init.")
+            raise UserError(
+                f"model.init=random applies to presets built from a config (tiny_*); model "
+                f"'{self.name}' loads the weights of checkpoint '{self.name_or_path}'. Use a tiny_* "
+                "preset for a randomly initialised model, or drop model.init."
+            )
 
 
 @dataclass
@@ -134,16 +138,28 @@ class MeasureConf:
     n_probe: int = 512
     pooling: str = "mean"  # mean | last | first | tokens
     token_positions: int = 8  # pooling=tokens: random token positions per sequence
-    metrics: list[str] = field(default_factory=lambda: ["cosine", "cosine_tokens", "cka_linear", "cka_debiased",
-                                                         "procrustes", "euclidean"])
+    metrics: list[str] = field(
+        default_factory=lambda: [
+            "cosine",
+            "cosine_tokens",
+            "cka_linear",
+            "cka_debiased",
+            "procrustes",
+            "euclidean",
+        ]
+    )
     n_boot: int = 1000
     n_boot_procrustes: int = 50  # Procrustes replicates cost ~100x the others: the first n of the same draws
     ci: float = 0.95
     ci_method: str = "basic"  # bootstrap CI: basic (2*slope - quantiles) | percentile
-    plugin_ci: str = "jackknife"  # cka_linear/procrustes: jackknife (d <= n/4; none above) | bootstrap (ci_method)
+    plugin_ci: str = (
+        "jackknife"  # cka_linear/procrustes: jackknife (d <= n/4; none above) | bootstrap (ci_method)
+    )
     jackknife_groups: int = 32  # delete-a-group jackknife: groups of probe sequences
     width_threshold: float = 0.1  # width_count: layers whose change exceeds this (on each metric's own scale)
-    kl_probe_train: int = 512  # init.kl for new heads: linear probe fitted on this many training examples (0: off)
+    kl_probe_train: int = (
+        512  # init.kl for new heads: linear probe fitted on this many training examples (0: off)
+    )
     every_n_steps: int = 0  # >0: also capture during training (profile dynamics)
     init_batches: int = 4  # training batches for the step-0 objective distance and gradient profile
     cache: bool = True  # reuse the pre-fine-tuning capture across runs
@@ -162,8 +178,15 @@ class LoggerConf:
     tags: list[str] = field(default_factory=list)
 
 
-SCHEMAS = {"model": ModelConf, "objective": ObjectiveConf, "data": DataConf, "optim": OptimConf,
-           "trainer": TrainerConf, "measure": MeasureConf, "logger": LoggerConf}
+SCHEMAS = {
+    "model": ModelConf,
+    "objective": ObjectiveConf,
+    "data": DataConf,
+    "optim": OptimConf,
+    "trainer": TrainerConf,
+    "measure": MeasureConf,
+    "logger": LoggerConf,
+}
 
 
 def register_resolvers() -> None:
@@ -186,8 +209,10 @@ def validate(cfg: DictConfig) -> DictConfig:
             typed = OmegaConf.merge(OmegaConf.structured(schema), cfg[group])
         except OmegaConfBaseException as err:
             valid = ", ".join(schema.__dataclass_fields__)
-            raise UserError(f"Invalid {group} config: {err.msg if hasattr(err, 'msg') else err}. "
-                            f"Valid {group}.* keys: {valid}.") from None
+            raise UserError(
+                f"Invalid {group} config: {err.msg if hasattr(err, 'msg') else err}. "
+                f"Valid {group}.* keys: {valid}."
+            ) from None
         with_flag = OmegaConf.to_container(typed)
         OmegaConf.set_struct(cfg, False)
         cfg[group] = with_flag
@@ -206,4 +231,6 @@ def load_option(group: str, name: str) -> DictConfig:
 
 
 def to_plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+    return (
+        OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) else value
+    )

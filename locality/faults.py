@@ -20,7 +20,8 @@ class NonFiniteLoss(RuntimeError):
         super().__init__(
             f"the training loss became {loss} at step {step}. Training stopped there; checkpoints/last.ckpt holds "
             "the last finite weights. Lower optim.lr, keep trainer.gradient_clip_val, or use float32 parameters "
-            "(model.dtype=float32) with trainer.precision=bf16-mixed.")
+            "(model.dtype=float32) with trainer.precision=bf16-mixed."
+        )
 
 
 class StopOnNonFiniteLoss(Callback):

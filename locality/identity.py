@@ -50,8 +50,11 @@ def result_config(cfg: DictConfig | Mapping) -> dict:
         if key in NON_RESULT_KEYS:
             continue
         value = cfg[key]
-        plain[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig | ListConfig) \
+        plain[key] = (
+            OmegaConf.to_container(value, resolve=True)
+            if isinstance(value, DictConfig | ListConfig)
             else value
+        )
     for dotted in NON_RESULT_KEYS:
         *parents, leaf = dotted.split(".")
         node = plain
@@ -74,8 +77,11 @@ def _with_constructor_defaults(component: Any) -> Any:
         signature = inspect.signature(get_class(component["_target_"]))
     except Exception:  # an unknown target is reported when the control is built
         return component
-    defaults = {name: p.default for name, p in signature.parameters.items()
-                if p.default is not inspect.Parameter.empty and _jsonable(p.default)}
+    defaults = {
+        name: p.default
+        for name, p in signature.parameters.items()
+        if p.default is not inspect.Parameter.empty and _jsonable(p.default)
+    }
     return {**defaults, **component}
 
 
@@ -102,7 +108,9 @@ def setting_hash(cfg: DictConfig | Mapping) -> str:
 
 def run_name(cfg: DictConfig | Mapping) -> str:
     """`<model>-<objective>-<control>-s<seed>-<config hash>`: the run's directory and W&B id."""
-    readable = f"{cfg['model']['name']}-{cfg['objective']['name']}-{control_name(cfg['control'])}-s{cfg['seed']}"
+    readable = (
+        f"{cfg['model']['name']}-{cfg['objective']['name']}-{control_name(cfg['control'])}-s{cfg['seed']}"
+    )
     return f"{readable.replace('/', '_')}-{config_hash(cfg)}"
 
 

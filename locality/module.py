@@ -80,16 +80,21 @@ class LocalityModule(L.LightningModule):
         """AdamW groups: weight decay on the weight matrices of linear and conv layers only (backbone and task
         head alike; see `locality.optim_groups`); then every control may rewrite them."""
         decay, no_decay = decay_split(self)
-        groups = [{"params": list(decay.values()), "weight_decay": self.optim.weight_decay},
-                  {"params": list(no_decay.values()), "weight_decay": 0.0}]
+        groups = [
+            {"params": list(decay.values()), "weight_decay": self.optim.weight_decay},
+            {"params": list(no_decay.values()), "weight_decay": 0.0},
+        ]
         for control in self.controls:
             groups = control.param_groups(self, groups)
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.optim.lr, betas=tuple(self.optim.betas),
-                                      eps=self.optim.eps)
+        optimizer = torch.optim.AdamW(
+            self.param_groups(), lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps
+        )
         total = self.trainer.estimated_stepping_batches
         warmup = round(self.optim.warmup * total) if self.optim.warmup < 1 else int(self.optim.warmup)
-        scheduler = get_scheduler(self.optim.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+        scheduler = get_scheduler(
+            self.optim.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -65,8 +65,11 @@ class _Composer:
         structural, values = [], []
         for override in self.parser.parse_overrides(job):
             key = override.get_key_element()
-            plain = override.type == OverrideType.CHANGE and key.split(".")[0] not in self.groups \
+            plain = (
+                override.type == OverrideType.CHANGE
+                and key.split(".")[0] not in self.groups
                 and not key.startswith("hydra")
+            )
             (values if plain else structural).append(override)
         key = tuple(o.input_line for o in structural)
         if key not in self.cache:
@@ -79,8 +82,9 @@ class _Composer:
 
 def _planned(cfg) -> PlannedRun:
     run_dir = str(Path(cfg.hydra.sweep.dir) / cfg.hydra.sweep.subdir)
-    run = PlannedRun(run_dir, cfg.model.name, cfg.objective.name, control_name(cfg.control), cfg.seed,
-                     cfg.data.name)
+    run = PlannedRun(
+        run_dir, cfg.model.name, cfg.objective.name, control_name(cfg.control), cfg.seed, cfg.data.name
+    )
     try:
         check_offline(cfg)
     except UserError as err:
@@ -129,11 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     width = max((len(r.run_dir) for r in runs), default=10)
     for r in runs:
-        print(f"{r.run_dir:<{width}}  {r.model:<18} {r.objective:<7} {r.control:<12} {r.seed:<3} data={r.data}")
+        print(
+            f"{r.run_dir:<{width}}  {r.model:<18} {r.objective:<7} {r.control:<12} {r.seed:<3} data={r.data}"
+        )
     by_control = Counter(r.control for r in runs)
     dirs = Counter(r.run_dir for r in runs)
-    print(f"total {len(runs)} runs ({', '.join(f'{c}: {n}' for c, n in sorted(by_control.items()))}); "
-          f"{len(dirs)} distinct run directories")
+    print(
+        f"total {len(runs)} runs ({', '.join(f'{c}: {n}' for c, n in sorted(by_control.items()))}); "
+        f"{len(dirs)} distinct run directories"
+    )
     invalid = [r for r in runs if r.problem]
     for r in invalid:
         report(UserError(f"invalid run {r.run_dir}: {r.problem}"))

@@ -87,7 +87,9 @@ def settings(spec: ModelConf) -> PretrainConf:
         except ValueError:
             raise UserError(f"${STEPS_ENV}={steps!r} must be a whole number of pretraining steps.") from None
     if conf.steps < 1 or conf.batch_size < 1 or conf.seq_len < 8 or conf.lr <= 0:
-        raise UserError(f"model.pretrain needs steps >= 1, batch_size >= 1, seq_len >= 8 and lr > 0; got {conf}.")
+        raise UserError(
+            f"model.pretrain needs steps >= 1, batch_size >= 1, seq_len >= 8 and lr > 0; got {conf}."
+        )
     return conf
 
 
@@ -112,10 +114,17 @@ def key_material(spec: ModelConf, tokenizer, head: str, conf: PretrainConf) -> d
     pretrain = asdict(conf)
     if head != "masked_lm":
         pretrain.pop("mask_prob")
-    return {"recipe": RECIPE_VERSION, "arch": spec.arch, "config_overrides": _plain(spec.config_overrides),
-            "token_ids": _token_ids(tokenizer), "tokenizer": spec.tokenizer,
-            "tokenizer_vocab": hashlib.sha1(vocab.encode()).hexdigest()[:12], "head": head,
-            "corpus": pretraining_corpus_version(), "pretrain": pretrain}
+    return {
+        "recipe": RECIPE_VERSION,
+        "arch": spec.arch,
+        "config_overrides": _plain(spec.config_overrides),
+        "token_ids": _token_ids(tokenizer),
+        "tokenizer": spec.tokenizer,
+        "tokenizer_vocab": hashlib.sha1(vocab.encode()).hexdigest()[:12],
+        "head": head,
+        "corpus": pretraining_corpus_version(),
+        "pretrain": pretrain,
+    }
 
 
 def cache_key(material: dict) -> str:
@@ -127,14 +136,17 @@ def is_complete(path: Path) -> bool:
     return (path / INFO_FILE).is_file()
 
 
-def pretrained_checkpoint(spec: ModelConf, tokenizer, family: str, force: bool = False,
-                          log=print) -> Pretrained:
+def pretrained_checkpoint(
+    spec: ModelConf, tokenizer, family: str, force: bool = False, log=print
+) -> Pretrained:
     """The cached pretrained checkpoint of a config-built preset, pretraining it first on a cache miss."""
     from filelock import FileLock
 
     if spec.arch is None:
-        raise UserError(f"model '{spec.name}' loads a checkpoint ({spec.name_or_path}); only presets built from "
-                        "a config (model.arch, the tiny_* presets) are pretrained by locality.pretrain.")
+        raise UserError(
+            f"model '{spec.name}' loads a checkpoint ({spec.name_or_path}); only presets built from "
+            "a config (model.arch, the tiny_* presets) are pretrained by locality.pretrain."
+        )
     conf, head = settings(spec), head_kind_for(family)
     material = key_material(spec, tokenizer, head, conf)
     key = cache_key(material)
@@ -148,9 +160,11 @@ def pretrained_checkpoint(spec: ModelConf, tokenizer, family: str, force: bool =
             return Pretrained(path, key, _read_info(path))
         for stale in root.glob(f".{key}.*.tmp"):  # left by a killed pretraining (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        log(f"{spec.name}: pretraining on first use ({'forced' if force else 'not in the cache'}): "
+        log(
+            f"{spec.name}: pretraining on first use ({'forced' if force else 'not in the cache'}): "
             f"{conf.steps} steps of {head.replace('_', ' ')} at batch {conf.batch_size} x {conf.seq_len} tokens "
-            f"-> {path}")
+            f"-> {path}"
+        )
         model, info = pretrain(spec, tokenizer, head, conf, log=log)
         info = {"key": key, "model": spec.name, "material": material, **info}
         tmp = root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -175,10 +189,12 @@ def summary_line(name: str, info: dict) -> str:
     losses = info.get("losses", [])
     first = " ".join(f"{v:.2f}" for v in losses[:5])
     last = " ".join(f"{v:.2f}" for v in losses[-5:])
-    return (f"{name}: pretrained {info.get('steps')} steps in {info.get('wall_s', 0):.1f} s "
-            f"({info.get('threads')} thread(s), {info.get('cpu_s', math.nan):.1f} CPU-s); train loss first [{first}] last [{last}]; held-out loss "
-            f"{info.get('heldout_before', math.nan):.3f} -> {info.get('heldout_after', math.nan):.3f} "
-            f"(ln vocab {math.log(info.get('vocab_size', 1)):.2f})")
+    return (
+        f"{name}: pretrained {info.get('steps')} steps in {info.get('wall_s', 0):.1f} s "
+        f"({info.get('threads')} thread(s), {info.get('cpu_s', math.nan):.1f} CPU-s); train loss first [{first}] last [{last}]; held-out loss "
+        f"{info.get('heldout_before', math.nan):.3f} -> {info.get('heldout_after', math.nan):.3f} "
+        f"(ln vocab {math.log(info.get('vocab_size', 1)):.2f})"
+    )
 
 
 # --- the pretraining itself ---------------------------------------------------------------------------
@@ -203,8 +219,10 @@ def _pack(tokenizer, texts: list[str], seq_len: int, masked: bool) -> torch.Tens
     encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     sep = tokenizer.sep_token_id if masked else tokenizer.eos_token_id
     if sep is None:
-        raise UserError(f"Tokenizer {tokenizer.name_or_path} has no {'[SEP]' if masked else 'end-of-text'} token "
-                        "to join pretraining texts with.")
+        raise UserError(
+            f"Tokenizer {tokenizer.name_or_path} has no {'[SEP]' if masked else 'end-of-text'} token "
+            "to join pretraining texts with."
+        )
     stream = [i for ids in encoded for i in (*ids, sep)]
     width = seq_len - 2 if masked else seq_len
     n = len(stream) // width
@@ -215,8 +233,9 @@ def _pack(tokenizer, texts: list[str], seq_len: int, masked: bool) -> torch.Tens
     return blocks
 
 
-def mask_tokens(blocks: torch.Tensor, tokenizer, prob: float, generator: torch.Generator
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    blocks: torch.Tensor, tokenizer, prob: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT's masking: `prob` of the non-special tokens are predicted; of those 80% become [MASK], 10% a
     random token, 10% stay. Returns (inputs, labels with -100 where not predicted)."""
     special = torch.isin(blocks, torch.tensor(tokenizer.all_special_ids))
@@ -247,8 +266,10 @@ def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=prin
     masked = head == "masked_lm"
     train_blocks, held_blocks = corpus_blocks(tokenizer, conf.seq_len, masked)
     if len(train_blocks) < conf.batch_size or len(held_blocks) == 0:
-        raise UserError(f"The pretraining corpus gives only {len(train_blocks)} training and {len(held_blocks)} "
-                        f"held-out blocks of {conf.seq_len} tokens; lower model.pretrain.seq_len.")
+        raise UserError(
+            f"The pretraining corpus gives only {len(train_blocks)} training and {len(held_blocks)} "
+            f"held-out blocks of {conf.seq_len} tokens; lower model.pretrain.seq_len."
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started, cpu_started = time.perf_counter(), time.process_time()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # CPU (and that GPU's) RNG
@@ -256,8 +277,11 @@ def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=prin
         config = AutoConfig.for_model(spec.arch, **_token_ids(tokenizer), **spec.config_overrides)
         model = AUTO_CLASSES[head].from_config(config, dtype=torch.float32).to(device)
         generator = torch.Generator().manual_seed(conf.seed)
-        held_inputs, held_labels = (mask_tokens(held_blocks, tokenizer, conf.mask_prob, generator) if masked
-                                    else (held_blocks, held_blocks))
+        held_inputs, held_labels = (
+            mask_tokens(held_blocks, tokenizer, conf.mask_prob, generator)
+            if masked
+            else (held_blocks, held_blocks)
+        )
         extra = no_cache(model)
         takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
         mlm_head = _mlm_head(model) if masked else None
@@ -276,7 +300,7 @@ def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=prin
             model.eval()
             total, count = 0.0, 0
             for i in range(0, len(held_inputs), 32):
-                inputs, labels = held_inputs[i:i + 32], held_labels[i:i + 32]
+                inputs, labels = held_inputs[i : i + 32], held_labels[i : i + 32]
                 n = int((labels[:, 1:] if not masked else labels).ne(-100).sum())
                 total += float(loss_of(inputs, labels)) * n
                 count += n
@@ -286,8 +310,11 @@ def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=prin
         before = heldout_loss()
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": conf.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=conf.lr, betas=(0.9, 0.98))
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": conf.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=conf.lr,
+            betas=(0.9, 0.98),
+        )
         warmup = max(1, round(conf.warmup * conf.steps))
 
         def rate(step: int) -> float:
@@ -304,10 +331,11 @@ def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=prin
         for _ in range(conf.steps):
             if position + conf.batch_size > len(order):
                 order, position = torch.randperm(len(train_blocks), generator=generator), 0
-            batch = train_blocks[order[position:position + conf.batch_size]]
+            batch = train_blocks[order[position : position + conf.batch_size]]
             position += conf.batch_size
-            inputs, labels = (mask_tokens(batch, tokenizer, conf.mask_prob, generator) if masked
-                              else (batch, batch))
+            inputs, labels = (
+                mask_tokens(batch, tokenizer, conf.mask_prob, generator) if masked else (batch, batch)
+            )
             loss = loss_of(inputs, labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -316,17 +344,29 @@ def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=prin
             schedule.step()
             losses.append(float(loss.detach()))
             if not math.isfinite(losses[-1]):
-                raise RuntimeError(f"pretraining {spec.name} diverged at step {len(losses)} (loss {losses[-1]}); "
-                                   "lower model.pretrain.lr.")
+                raise RuntimeError(
+                    f"pretraining {spec.name} diverged at step {len(losses)} (loss {losses[-1]}); "
+                    "lower model.pretrain.lr."
+                )
         after = heldout_loss()
     model.eval()
     model.to("cpu")
-    info = {"steps": conf.steps, "head": head, "losses": [round(v, 4) for v in losses],
-            "heldout_before": before, "heldout_after": after, "vocab_size": len(tokenizer),
-            "train_blocks": len(train_blocks), "heldout_blocks": len(held_blocks), "seq_len": conf.seq_len,
-            "tokens_seen": conf.steps * conf.batch_size * conf.seq_len, "device": str(device),
-            "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - started,
-            "cpu_s": time.process_time() - cpu_started}
+    info = {
+        "steps": conf.steps,
+        "head": head,
+        "losses": [round(v, 4) for v in losses],
+        "heldout_before": before,
+        "heldout_after": after,
+        "vocab_size": len(tokenizer),
+        "train_blocks": len(train_blocks),
+        "heldout_blocks": len(held_blocks),
+        "seq_len": conf.seq_len,
+        "tokens_seen": conf.steps * conf.batch_size * conf.seq_len,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "wall_s": time.perf_counter() - started,
+        "cpu_s": time.process_time() - cpu_started,
+    }
     return model, info
 
 
@@ -352,8 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         if not any(a.startswith("model=") for a in overrides):
-            raise UserError("Name the preset to pretrain: `python -m locality.pretrain model=tiny_gpt2` (any "
-                            "tiny_* preset; `model.pretrain.steps=N` etc. change the recipe, force=true redoes it).")
+            raise UserError(
+                "Name the preset to pretrain: `python -m locality.pretrain model=tiny_gpt2` (any "
+                "tiny_* preset; `model.pretrain.steps=N` etc. change the recipe, force=true redoes it)."
+            )
         try:
             with initialize_config_dir(str(conf_dir()), version_base="1.3"):
                 cfg = compose("train", overrides=overrides)
@@ -362,8 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = validate(cfg)
         spec = ModelConf(**cfg.model)
         if spec.arch is None:
-            raise UserError(f"model={spec.name} loads a checkpoint ({spec.name_or_path}); locality.pretrain "
-                            "pretrains presets built from a config: tiny_* (e.g. model=tiny_gpt2).")
+            raise UserError(
+                f"model={spec.name} loads a checkpoint ({spec.name_or_path}); locality.pretrain "
+                "pretrains presets built from a config: tiny_* (e.g. model=tiny_gpt2)."
+            )
         tokenizer = load_tokenizer(spec, None)
         result = pretrained_checkpoint(spec, tokenizer, peek_family(spec), force=bool(cfg.force))
     except UserError as err:

@@ -27,9 +27,11 @@ def versions() -> dict[str, str | None]:
 
 def git_commit() -> str | None:
     try:
+
         def git(*args: str) -> str:
-            return subprocess.run(["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, check=True,
-                                  timeout=5).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=PACKAGE_DIR, capture_output=True, text=True, check=True, timeout=5
+            ).stdout.strip()
 
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))

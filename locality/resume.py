@@ -51,8 +51,11 @@ def rng_state() -> dict[str, Any]:
     """Every global random number generator a training step may draw from, in a form `torch.load` accepts
     with `weights_only=True` (tensors, ints, tuples)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -67,9 +70,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
         if len(state["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(state["cuda"])
         else:
-            warnings.warn(f"the checkpoint holds the CUDA generator states of {len(state['cuda'])} devices, this "
-                          f"machine has {torch.cuda.device_count()}: CUDA random draws (dropout) will differ from "
-                          "an uninterrupted run.", stacklevel=2)
+            warnings.warn(
+                f"the checkpoint holds the CUDA generator states of {len(state['cuda'])} devices, this "
+                f"machine has {torch.cuda.device_count()}: CUDA random draws (dropout) will differ from "
+                "an uninterrupted run.",
+                stacklevel=2,
+            )
 
 
 def _as_tuple(value):
@@ -99,7 +105,11 @@ class RunState(Callback):
         return self.earlier_s + time.perf_counter() - self.started
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"rng": rng_state(), "wall_s": self.wall_s, "resumed_from_steps": list(self.resumed_from_steps)}
+        state = {
+            "rng": rng_state(),
+            "wall_s": self.wall_s,
+            "resumed_from_steps": list(self.resumed_from_steps),
+        }
         loader = _train_loader(self._trainer)
         if loader is not None:
             state["train_loader"] = loader.state_dict()
@@ -204,6 +214,10 @@ class KeepPreviousCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         last = Path(filepath)
-        if trainer.is_global_zero and last.name == self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION and last.is_file():
+        if (
+            trainer.is_global_zero
+            and last.name == self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
+            and last.is_file()
+        ):
             os.replace(last, last.with_name(PREVIOUS_CHECKPOINT))
         super()._save_checkpoint(trainer, filepath)

@@ -60,20 +60,29 @@ class RunDir:
         step, problem = _checkpoint_step(Path(path))
         if problem is None:
             if Path(path).name != "last.ckpt":
-                print(f"locality: resuming from {path} (step {step}): the run was interrupted while writing "
-                      "last.ckpt.", file=sys.stderr)
+                print(
+                    f"locality: resuming from {path} (step {step}): the run was interrupted while writing "
+                    "last.ckpt.",
+                    file=sys.stderr,
+                )
             return
         previous = self.checkpoints / "previous.ckpt"
-        previous_step = _checkpoint_step(previous)[0] if Path(path) != previous and previous.is_file() else None
+        previous_step = (
+            _checkpoint_step(previous)[0] if Path(path) != previous and previous.is_file() else None
+        )
         if previous_step is not None:
-            way = (f"To resume from the checkpoint kept before it (previous.ckpt, step {previous_step}), put it in "
-                   f"its place (mv {previous} {path}) and relaunch the same command; or add force=true to start "
-                   "the run over.")
+            way = (
+                f"To resume from the checkpoint kept before it (previous.ckpt, step {previous_step}), put it in "
+                f"its place (mv {previous} {path}) and relaunch the same command; or add force=true to start "
+                "the run over."
+            )
         else:
             way = "No earlier checkpoint is readable: add force=true to start the run over."
-        raise UserError(f"The run's checkpoint {path} cannot be read ({problem}), so the run cannot resume from "
-                        f"it: it was probably cut short while being written (the process killed, the disk full, "
-                        f"an interrupted copy). {way}")
+        raise UserError(
+            f"The run's checkpoint {path} cannot be read ({problem}), so the run cannot resume from "
+            f"it: it was probably cut short while being written (the process killed, the disk full, "
+            f"an interrupted copy). {way}"
+        )
 
     @property
     def failed_path(self) -> Path:
@@ -83,8 +92,10 @@ class RunDir:
         """failed.json: why and at which step the run stopped, with the traceback; never a results.json."""
         reason = " ".join(f"{type(error).__name__}: {error}".split())
         trace = "".join(traceback.format_exception(error))
-        write_json_atomic(self.failed_path, {"reason": reason, "step": step, "type": type(error).__name__,
-                                             "traceback": trace})
+        write_json_atomic(
+            self.failed_path,
+            {"reason": reason, "step": step, "type": type(error).__name__, "traceback": trace},
+        )
 
     def start_over(self) -> None:
         """Forget a previous attempt (force=true): its results and checkpoints must not be resumed."""
@@ -108,7 +119,8 @@ class RunDir:
             raise UserError(
                 f"{self.path} holds a run of another config: {shown}"
                 f"{' and more' if len(differ) > 8 else ''}. It is neither skipped nor resumed. Launch without "
-                "hydra.run.dir so the run gets its own directory, or add force=true to start over there.")
+                "hydra.run.dir so the run gets its own directory, or add force=true to start over there."
+            )
 
     def save_config(self, cfg: DictConfig) -> None:
         OmegaConf.save(cfg, self.path / "config.yaml", resolve=True)

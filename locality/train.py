@@ -64,7 +64,9 @@ def run(cfg: DictConfig) -> dict:
     try:
         cfg = validate(cfg)
         checked = preflight(cfg)  # control arguments, model source, output root: before any work
-    except UserError as error:  # a single run was checked before its directory existed; a sweep job fails here
+    except (
+        UserError
+    ) as error:  # a single run was checked before its directory existed; a sweep job fails here
         if is_main_process() and output_dir.is_dir():
             RunDir(output_dir).write_failure(error, step=None)
         raise
@@ -93,8 +95,13 @@ def run(cfg: DictConfig) -> dict:
             raise UserError(
                 f"The run stopped at step {attempt.step} because a file could not be written: "
                 f"{storage.filename or 'a file'}: {storage.strerror}. "
-                + (f"The last complete checkpoint is kept ({kept}); " if kept else "No checkpoint was written yet; ")
-                + "free space or fix permissions, then relaunch the same command to resume.") from error
+                + (
+                    f"The last complete checkpoint is kept ({kept}); "
+                    if kept
+                    else "No checkpoint was written yet; "
+                )
+                + "free space or fix permissions, then relaunch the same command to resume."
+            ) from error
         raise
 
 
@@ -133,8 +140,9 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
     backbone = load_backbone(spec, objective_cls.head_kind, require=objective_cls.check_family)
     objective_cls.check(backbone, splits)
     objective = objective_cls(backbone, splits, cfg.objective)
-    data = LocalityDataModule(splits, objective, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed,
-                              cfg.data.num_workers)
+    data = LocalityDataModule(
+        splits, objective, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.num_workers
+    )
     module = LocalityModule(backbone, objective, cfg.optim, controls)
     if is_main_process():
         print(backbone.describe())
@@ -143,12 +151,26 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
     logger = False
     sweep = cfg.sweep_name if HydraConfig.get().mode == RunMode.MULTIRUN else None
     if is_main_process():
-        tags = [f"family:{backbone.family}", f"block:{backbone.block_type}", f"scale:{scale_band(backbone.n_params)}"]
-        logger = build_logger(cfg.logger, run_dir, cfg.run_name, to_plain(cfg), group=sweep,
-                              job_type=control_name(cfg.control), tags=tags)
+        tags = [
+            f"family:{backbone.family}",
+            f"block:{backbone.block_type}",
+            f"scale:{scale_band(backbone.n_params)}",
+        ]
+        logger = build_logger(
+            cfg.logger,
+            run_dir,
+            cfg.run_name,
+            to_plain(cfg),
+            group=sweep,
+            job_type=control_name(cfg.control),
+            tags=tags,
+        )
     run_state = RunState(started)  # RNG states, wall time and resumes, kept in the checkpoint
-    callbacks = [*controls, *filter(None, [profiler.dynamics_callback(), ratio_monitor(cfg.measure, controls)]),
-                 run_state]
+    callbacks = [
+        *controls,
+        *filter(None, [profiler.dynamics_callback(), ratio_monitor(cfg.measure, controls)]),
+        run_state,
+    ]
     trainer = attempt.trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
     profiler.before_training(module, trainer)  # on the trainer's device, in its precision
     trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
@@ -159,15 +181,29 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
 
     results = {
         "schema": SCHEMA,
-        "run": {"name": run_dir.path.name, "model": cfg.model.name, "family": backbone.family,
-                "block_type": backbone.block_type, "scale_band": scale_band(backbone.n_params),
-                "objective": objective_cls.name,
-                "control": control_name(cfg.control), "seed": cfg.seed, "n_params": backbone.n_params,
-                "n_layers": backbone.n_layers, "steps": trainer.global_step, "init_from": backbone.init_from,
-                "config_hash": config_hash(cfg), "setting_hash": setting_hash(cfg), "sweep": sweep,
-                "versions": versions(), "data": splits.info()},
+        "run": {
+            "name": run_dir.path.name,
+            "model": cfg.model.name,
+            "family": backbone.family,
+            "block_type": backbone.block_type,
+            "scale_band": scale_band(backbone.n_params),
+            "objective": objective_cls.name,
+            "control": control_name(cfg.control),
+            "seed": cfg.seed,
+            "n_params": backbone.n_params,
+            "n_layers": backbone.n_layers,
+            "steps": trainer.global_step,
+            "init_from": backbone.init_from,
+            "config_hash": config_hash(cfg),
+            "setting_hash": setting_hash(cfg),
+            "sweep": sweep,
+            "versions": versions(),
+            "data": splits.info(),
+        },
         "layers": ["embed", *(f"block_{i:02d}" for i in range(backbone.n_layers))],
-        "measure": {key: to_plain(cfg.measure[key]) for key in ("n_probe", "pooling", "ci", "ci_method", "n_boot")},
+        "measure": {
+            key: to_plain(cfg.measure[key]) for key in ("n_probe", "pooling", "ci", "ci_method", "n_boot")
+        },
         **profiler.after_training(module, trainer),
         "init": profiler.init,
         "final": {key.removeprefix("val/"): float(value) for key, value in final.items()},

@@ -28,8 +28,15 @@ def _csv_logger(run: RunDir) -> AppendingCSVLogger:
     return AppendingCSVLogger(save_dir=run.path, name="csv", version="")
 
 
-def build_logger(cfg, run: RunDir, run_name: str, config: dict, group: str | None = None,
-                 job_type: str = "train", tags: list[str] = ()) -> Logger | bool:
+def build_logger(
+    cfg,
+    run: RunDir,
+    run_name: str,
+    config: dict,
+    group: str | None = None,
+    job_type: str = "train",
+    tags: list[str] = (),
+) -> Logger | bool:
     """The configured logger. On W&B a sweep's runs share one group (the sweep name unless logger.group is
     set), `job_type` is the control, and tags name the family, block type and scale band."""
     if cfg.kind == "none":
@@ -43,23 +50,36 @@ def build_logger(cfg, run: RunDir, run_name: str, config: dict, group: str | Non
         from lightning.pytorch.loggers import WandbLogger
 
         offline = cfg.offline and os.environ.get("WANDB_MODE") != "online"
-        logger = WandbLogger(name=run_name, id=run.path.name, project=cfg.project, entity=cfg.entity,
-                             save_dir=str(run.path), offline=offline, group=cfg.group or group,
-                             tags=[*cfg.tags, *tags], config=config, job_type=job_type,
-                             settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S))
+        logger = WandbLogger(
+            name=run_name,
+            id=run.path.name,
+            project=cfg.project,
+            entity=cfg.entity,
+            save_dir=str(run.path),
+            offline=offline,
+            group=cfg.group or group,
+            tags=[*cfg.tags, *tags],
+            config=config,
+            job_type=job_type,
+            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
+        )
         logger.experiment  # noqa: B018 - start W&B now, where a failure can fall back, not inside fit
         return logger
     except Exception as err:  # no key, no network, a broken install: never let W&B kill a run
         finish_wandb(teardown=True)  # a later run in this process (a sweep worker) starts W&B afresh
         message = " ".join(str(err).split())[:300]
-        print(f"locality: W&B is unavailable ({type(err).__name__}: {message}); this run logs to "
-              f"{run.path / 'csv'} instead and its results are unaffected.", file=sys.stderr)
+        print(
+            f"locality: W&B is unavailable ({type(err).__name__}: {message}); this run logs to "
+            f"{run.path / 'csv'} instead and its results are unaffected.",
+            file=sys.stderr,
+        )
         return _csv_logger(run)
 
 
 def build_trainer(cfg, run: RunDir, callbacks: list[Callback], logger: Logger | bool) -> L.Trainer:
-    checkpoint = KeepPreviousCheckpoint(dirpath=run.checkpoints, save_last=True, save_top_k=0,
-                                        every_n_train_steps=cfg.ckpt_every_n_steps)
+    checkpoint = KeepPreviousCheckpoint(
+        dirpath=run.checkpoints, save_last=True, save_top_k=0, every_n_train_steps=cfg.ckpt_every_n_steps
+    )
     return L.Trainer(
         default_root_dir=run.path,
         max_steps=cfg.max_steps,
@@ -78,8 +98,11 @@ def build_trainer(cfg, run: RunDir, callbacks: list[Callback], logger: Logger | 
         enable_model_summary=False,
         deterministic=cfg.deterministic,
         logger=logger,
-        callbacks=[StopOnNonFiniteLoss(check_every=math.gcd(cfg.ckpt_every_n_steps, cfg.log_every_n_steps)),
-                   *callbacks, checkpoint],
+        callbacks=[
+            StopOnNonFiniteLoss(check_every=math.gcd(cfg.ckpt_every_n_steps, cfg.log_every_n_steps)),
+            *callbacks,
+            checkpoint,
+        ],
     )
 
 

@@ -16,8 +16,15 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # of the cache key, so this never touches a real checkpoint). tests/test_pretrain.py raises it where it matters.
 os.environ.setdefault("LOCALITY_PRETRAIN_STEPS", "8")
 
-FAST = ["trainer=smoke", "measure=fast", "logger=none", "data.batch_size=4", "data.eval_batch_size=32",
-        "data.n_validation=16", "objective.max_length=32"]
+FAST = [
+    "trainer=smoke",
+    "measure=fast",
+    "logger=none",
+    "data.batch_size=4",
+    "data.eval_batch_size=32",
+    "data.n_validation=16",
+    "objective.max_length=32",
+]
 
 
 @pytest.fixture(scope="session", autouse=True)

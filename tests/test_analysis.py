@@ -9,22 +9,36 @@ from locality.analysis.summary import summary_markdown
 def result(seed: int, control: str, setting: str, slope: float) -> dict:
     config = f"{setting}{control[0]}"
     return {
-        "schema": "locality.results/1", "_path": f"/runs/{config}-s{seed}",
-        "run": {"name": f"m-cls-{control}-s{seed}-{config}", "model": "m", "family": "decoder",
-                "block_type": "sequential", "objective": "cls", "control": control, "seed": seed,
-                "config_hash": config, "setting_hash": setting},
+        "schema": "locality.results/1",
+        "_path": f"/runs/{config}-s{seed}",
+        "run": {
+            "name": f"m-cls-{control}-s{seed}-{config}",
+            "model": "m",
+            "family": "decoder",
+            "block_type": "sequential",
+            "objective": "cls",
+            "control": control,
+            "seed": seed,
+            "config_hash": config,
+            "setting_hash": setting,
+        },
         "depth": [0.0, 0.5, 1.0],
         "change": {"cosine": [0.0, slope / 2, slope]},
-        "profile": {"cosine": {"slope": slope, "slope_ci": [slope - 0.1, slope + 0.1], "steepness": 1.0,
-                               "width": 0.5}},
-        "init": {"loss": 1.0}, "final": {"loss": 0.5},
+        "profile": {
+            "cosine": {"slope": slope, "slope_ci": [slope - 0.1, slope + 0.1], "steepness": 1.0, "width": 0.5}
+        },
+        "init": {"loss": 1.0},
+        "final": {"loss": 0.5},
     }
 
 
 def test_settings_are_never_pooled_and_seeds_are():
-    results = [result(0, "standard", "aaaa", 1.0), result(1, "standard", "aaaa", 3.0),  # replicates
-               result(0, "standard", "bbbb", 10.0),  # same model/objective/control, another lr: not a seed
-               result(0, "equal_step", "aaaa", 0.5)]
+    results = [
+        result(0, "standard", "aaaa", 1.0),
+        result(1, "standard", "aaaa", 3.0),  # replicates
+        result(0, "standard", "bbbb", 10.0),  # same model/objective/control, another lr: not a seed
+        result(0, "equal_step", "aaaa", 0.5),
+    ]
     runs = runs_table(results)
     summary = summary_markdown(runs, "cosine")
     row_a = next(line for line in summary.splitlines() if "| aaaa |" in line)
@@ -63,22 +77,46 @@ def synthetic_study(n_models: int = 15, seeds: int = 4, seed: int = 0) -> list[d
                     change = [max(0.0, slope * d * d + rng.normal(0, 0.002)) for d in depth]
                     width_count = 2 + m % 4
                     name = f"model{m:02d}-{objective}-{control}-s{s}-{m:02d}{objective}{control[0]}"
-                    out.append({
-                        "schema": "locality.results/1", "_path": f"/sweep/{name}",
-                        "run": {"name": name, "model": f"model{m:02d}", "family": family, "block_type": block,
-                                "objective": objective, "control": control, "seed": s,
-                                "n_params": 1e8 * (1 + m), "config_hash": f"{m:02d}{objective}{control[0]}",
-                                "setting_hash": f"{m:02d}{objective}"},
-                        "depth": depth, "change": {"cosine_tokens": change},
-                        "profile": {"cosine_tokens": {
-                            "slope": slope, "slope_ci": [slope - 0.05, slope + 0.05], "slope_per_layer": slope / n_layers,
-                            "steepness": 3 * kl_norm + rng.normal(0, 0.1), "width": 0.3,
-                            "width_count": width_count + int(rng.integers(0, 2))}},
-                        "init": {"loss": 2.0, "kl_norm": kl_norm, "grad_rel_slope": slope + rng.normal(0, 0.05),
-                                 "grad_rel": [0.01] * n_layers},
-                        "final": {"loss": 1.0},
-                        "dynamics": [{"step": k * 10, "slope": {"cosine_tokens": slope * k / 5}} for k in range(6)],
-                    })
+                    out.append(
+                        {
+                            "schema": "locality.results/1",
+                            "_path": f"/sweep/{name}",
+                            "run": {
+                                "name": name,
+                                "model": f"model{m:02d}",
+                                "family": family,
+                                "block_type": block,
+                                "objective": objective,
+                                "control": control,
+                                "seed": s,
+                                "n_params": 1e8 * (1 + m),
+                                "config_hash": f"{m:02d}{objective}{control[0]}",
+                                "setting_hash": f"{m:02d}{objective}",
+                            },
+                            "depth": depth,
+                            "change": {"cosine_tokens": change},
+                            "profile": {
+                                "cosine_tokens": {
+                                    "slope": slope,
+                                    "slope_ci": [slope - 0.05, slope + 0.05],
+                                    "slope_per_layer": slope / n_layers,
+                                    "steepness": 3 * kl_norm + rng.normal(0, 0.1),
+                                    "width": 0.3,
+                                    "width_count": width_count + int(rng.integers(0, 2)),
+                                }
+                            },
+                            "init": {
+                                "loss": 2.0,
+                                "kl_norm": kl_norm,
+                                "grad_rel_slope": slope + rng.normal(0, 0.05),
+                                "grad_rel": [0.01] * n_layers,
+                            },
+                            "final": {"loss": 1.0},
+                            "dynamics": [
+                                {"step": k * 10, "slope": {"cosine_tokens": slope * k / 5}} for k in range(6)
+                            ],
+                        }
+                    )
     return out
 
 
@@ -89,8 +127,13 @@ def test_the_papers_tables_recover_a_known_structure():
     runs = runs_table(results)
     head = tables.headline(runs, ["cosine_tokens"])
     assert head.iloc[0].to_dict() | {"exceptions": ""} == {
-        "metric": "cosine_tokens", "n_runs": 120, "n_positive": 120, "fraction_positive": 1.0,
-        "n_ci_above_zero": 120, "exceptions": ""}
+        "metric": "cosine_tokens",
+        "n_runs": 120,
+        "n_positive": 120,
+        "fraction_positive": 1.0,
+        "n_ci_above_zero": 120,
+        "exceptions": "",
+    }
     survival = tables.equal_step_survival(runs, "cosine_tokens")
     assert survival.n_runs.sum() == 120 and set(survival.objective_class) == {"causal LM", "other"}
     rho = tables.steepness_vs_distance(runs, "cosine_tokens").set_index("control")
@@ -122,11 +165,18 @@ def test_analyze_writes_tables_and_figures_at_240_runs(tmp_path):
     out = tmp_path / "analysis"
     assert main([str(tmp_path / "sweep"), "--out", str(out)]) == 0
     assert {p.name for p in (out / "tables").iterdir()} == {
-        "headline.csv", "equal_step_survival.csv", "steepness_vs_distance.csv", "width_variance.csv",
-        "step0_prediction.csv"}
+        "headline.csv",
+        "equal_step_survival.csv",
+        "steepness_vs_distance.csv",
+        "width_variance.csv",
+        "step0_prediction.csv",
+    }
     assert {p.name for p in (out / "figures").iterdir()} == {
-        "profiles_cosine_tokens.png", "slopes_cosine_tokens.png", "steepness_vs_distance_cosine_tokens.png",
-        "dynamics_cosine_tokens.png"}
+        "profiles_cosine_tokens.png",
+        "slopes_cosine_tokens.png",
+        "steepness_vs_distance_cosine_tokens.png",
+        "dynamics_cosine_tokens.png",
+    }
     summary = (out / "summary.md").read_text()
     assert "broken-run" in summary and "| failed-run | 9 | non-finite loss |" in summary
     assert "**1 incomplete runs**" in summary and "- killed-run" in summary and ".hydra" not in summary

@@ -39,10 +39,16 @@ def test_block_discovery(preset):
     backbone = load_backbone(spec(preset, init=init))
     family, block_type, n_layers, path = EXPECTED[preset]
     assert (backbone.family, backbone.block_type, backbone.n_layers, backbone.blocks_path) == (
-        family, block_type, n_layers, path)
+        family,
+        block_type,
+        n_layers,
+        path,
+    )
     assert backbone.pretrained == (init == "pretrained") and backbone.init_from.startswith(init)
     # encoders have no final norm; BERT's pooler is `unused` (tests/test_parts.py lists every part's modules)
-    assert set(backbone.parts()) == ({"embeddings", "unused"} if family == "encoder" else {"embeddings", "final_norm"})
+    assert set(backbone.parts()) == (
+        {"embeddings", "unused"} if family == "encoder" else {"embeddings", "final_norm"}
+    )
     block_params = {id(p) for b in backbone.blocks for p in b.parameters()}
     part_params = {id(p) for m in backbone.parts().values() for p in m.parameters()}
     assert block_params.isdisjoint(part_params)
@@ -65,7 +71,9 @@ def test_local_directory_loads_via_hf_preset(tmp_path):
     original.tokenizer.save_pretrained(tmp_path)
     loaded = load_backbone(ModelConf(name="hf", name_or_path=str(tmp_path)), head="causal_lm")
     assert loaded.pretrained and loaded.block_type == "parallel" and loaded.n_layers == 4
-    for (name, a), (_, b) in zip(original.model.state_dict().items(), loaded.model.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        original.model.state_dict().items(), loaded.model.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

@@ -57,12 +57,23 @@ def places(tmp_path_factory) -> dict[str, str]:
     data = root / "sst2"
     data.mkdir()
     for split, n in (("train", 1500), ("validation", 100)):
-        pd.DataFrame({"sentence": [f"{split} sentence {i} about a {'good' if i % 2 else 'bad'} film" for i in range(n)],
-                      "label": [i % 2 for i in range(n)]}).to_json(data / f"{split}.json", orient="records", lines=True)
+        pd.DataFrame(
+            {
+                "sentence": [
+                    f"{split} sentence {i} about a {'good' if i % 2 else 'bad'} film" for i in range(n)
+                ],
+                "label": [i % 2 for i in range(n)],
+            }
+        ).to_json(data / f"{split}.json", orient="records", lines=True)
     files = f"{{train:{data}/train.json,validation:{data}/validation.json}}"
-    return {"$MISSING_DIR": str(root / "missing"), "$EMPTY_DIR": str(root / "empty"),
-            "$JUNK_DIR": str(root / "junk"), "$UNTYPED_DIR": str(root / "untyped"), "$A_FILE": str(root / "a_file"),
-            "$SST2_JSON": f"data=sst2 data.path=json data.subset=null data.data_files={files}"}
+    return {
+        "$MISSING_DIR": str(root / "missing"),
+        "$EMPTY_DIR": str(root / "empty"),
+        "$JUNK_DIR": str(root / "junk"),
+        "$UNTYPED_DIR": str(root / "untyped"),
+        "$A_FILE": str(root / "a_file"),
+        "$SST2_JSON": f"data=sst2 data.path=json data.subset=null data.data_files={files}",
+    }
 
 
 def substitute(text: str, places: dict[str, str]) -> str:
@@ -115,13 +126,24 @@ def test_bootstrap_floor_follows_the_interval():
     assert (min_bootstrap(0.95), min_bootstrap(0.9), min_bootstrap(0.99)) == (40, 20, 200)
 
 
-@pytest.mark.parametrize("typed", ["optim.lr=0", "control=lora control.lora.layers=[7] model=tiny_gpt2",
-                                   "model=hf model.name_or_path=$EMPTY_DIR"])
+@pytest.mark.parametrize(
+    "typed",
+    [
+        "optim.lr=0",
+        "control=lora control.lora.layers=[7] model=tiny_gpt2",
+        "model=hf model.name_or_path=$EMPTY_DIR",
+    ],
+)
 def test_cli_exits_2_with_one_paragraph_and_creates_nothing(typed, places, tmp_path):
     out = tmp_path / "outputs"
     env = {**os.environ, "LOCALITY_OUTPUTS": str(out), "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "-m", "locality.train", *substitute(typed, places).split(), "logger=none"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "locality.train", *substitute(typed, places).split(), "logger=none"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and re.search(r"^locality: ", proc.stderr, re.M)
     assert not out.exists(), "a refused run created its directory"

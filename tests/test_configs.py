@@ -31,9 +31,23 @@ def test_every_option_composes_and_validates(group, option):
 
 
 def test_the_study_presets_are_all_there():
-    hub = {"bert-base-uncased", "bert-large-uncased", "gpt2", "gpt2-medium", "opt-125m", "opt-350m", "opt-1.3b",
-           "pythia-160m", "pythia-410m", "pythia-1.4b", "pythia-6.9b", "codegen-350m-mono", "mamba-130m",
-           "mamba-370m", "rwkv-169m"}
+    hub = {
+        "bert-base-uncased",
+        "bert-large-uncased",
+        "gpt2",
+        "gpt2-medium",
+        "opt-125m",
+        "opt-350m",
+        "opt-1.3b",
+        "pythia-160m",
+        "pythia-410m",
+        "pythia-1.4b",
+        "pythia-6.9b",
+        "codegen-350m-mono",
+        "mamba-130m",
+        "mamba-370m",
+        "rwkv-169m",
+    }
     assert hub <= set(model_presets())
     assert composed("model=rwkv-169m").model.config_overrides == {"rescale_every": 0}
 

@@ -40,18 +40,38 @@ def test_too_small_dataset_is_refused():
 def test_word_classes():
     text = "Return sys.path for 3 items, or None."
     tags = [(text[s:e], TAGS[t]) for s, e, t in tag_spans(text)]
-    assert tags == [("Return", "capitalized"), ("sys.path", "identifier"), ("for", "word"), ("3", "number"),
-                    ("items", "word"), (",", "punct"), ("or", "word"), ("None", "identifier"), (".", "punct")]
+    assert tags == [
+        ("Return", "capitalized"),
+        ("sys.path", "identifier"),
+        ("for", "word"),
+        ("3", "number"),
+        ("items", "word"),
+        (",", "punct"),
+        ("or", "word"),
+        ("None", "identifier"),
+        (".", "punct"),
+    ]
 
 
 def test_hub_loader_reads_sst2_format_from_local_parquet(tmp_path):
-    rows = [{"sentence": f"a {'good' if i % 2 else 'bad'} movie number {i}", "label": i % 2, "idx": i}
-            for i in range(120)]
+    rows = [
+        {"sentence": f"a {'good' if i % 2 else 'bad'} movie number {i}", "label": i % 2, "idx": i}
+        for i in range(120)
+    ]
     pd.DataFrame(rows[:80]).to_parquet(tmp_path / "train.parquet")
     pd.DataFrame(rows[80:]).to_parquet(tmp_path / "validation.parquet")
-    cfg = OmegaConf.merge(load_option("data", "sst2"), {
-        "path": "parquet", "subset": None, "n_validation": 10,
-        "data_files": {"train": str(tmp_path / "train.parquet"), "validation": str(tmp_path / "validation.parquet")}})
+    cfg = OmegaConf.merge(
+        load_option("data", "sst2"),
+        {
+            "path": "parquet",
+            "subset": None,
+            "n_validation": 10,
+            "data_files": {
+                "train": str(tmp_path / "train.parquet"),
+                "validation": str(tmp_path / "validation.parquet"),
+            },
+        },
+    )
     splits = load_splits(cfg, n_probe=20)  # sst2.yaml carves the probe set out of the train split
     assert (len(splits.train), len(splits.probe), len(splits.validation)) == (60, 20, 10)
     assert not {e["text"] for e in splits.probe} & {e["text"] for e in splits.train}
@@ -64,9 +84,15 @@ def test_hub_loader_reads_wikitext_format_from_local_json(tmp_path):
     lines = [" = Title = \n", ""] + [f" Paragraph {i} " + "text " * 60 for i in range(40)]
     for split, chunk in (("train", lines[:30]), ("validation", lines[30:])):
         (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in chunk))
-    cfg = OmegaConf.merge(load_option("data", "wikitext"), {
-        "path": "json", "subset": None, "n_validation": 2,
-        "data_files": {s: str(tmp_path / f"{s}.jsonl") for s in ("train", "validation")}})
+    cfg = OmegaConf.merge(
+        load_option("data", "wikitext"),
+        {
+            "path": "json",
+            "subset": None,
+            "n_validation": 2,
+            "data_files": {s: str(tmp_path / f"{s}.jsonl") for s in ("train", "validation")},
+        },
+    )
     splits = load_splits(cfg, n_probe=5)
     assert len(splits.train) == 28 and not splits.label_names  # title and empty line dropped
     assert all(len(e["text"]) >= 200 for e in splits.train)

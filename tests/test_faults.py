@@ -32,8 +32,15 @@ class NaNAfter(Control):
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(train, tmp_path):
     with pytest.raises(NonFiniteLoss, match="at step 3"):
-        train("model=tiny_gpt2", "objective=clm", "logger=csv", "trainer.max_steps=8", "trainer.ckpt_every_n_steps=2",
-              "+control.nan_after._target_=test_faults.NaNAfter", "+control.nan_after.at=2")
+        train(
+            "model=tiny_gpt2",
+            "objective=clm",
+            "logger=csv",
+            "trainer.max_steps=8",
+            "trainer.ckpt_every_n_steps=2",
+            "+control.nan_after._target_=test_faults.NaNAfter",
+            "+control.nan_after.at=2",
+        )
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert not (run_dir / "results.json").exists()
     failed = json.loads((run_dir / "failed.json").read_text())
@@ -55,8 +62,14 @@ class RaiseAt(Control):
 
 
 def test_any_failure_writes_failed_json_and_a_success_clears_it(train, tmp_path):
-    args = ["model=tiny_gpt2", "objective=clm", "logger=none", "trainer.max_steps=3",
-            "+control.raise_at._target_=test_faults.RaiseAt", "+control.raise_at.at=2"]
+    args = [
+        "model=tiny_gpt2",
+        "objective=clm",
+        "logger=none",
+        "trainer.max_steps=3",
+        "+control.raise_at._target_=test_faults.RaiseAt",
+        "+control.raise_at.at=2",
+    ]
     with pytest.raises(RuntimeError, match="disk on fire"):
         train(*args)
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -84,16 +97,29 @@ def test_a_full_disk_mid_run_is_one_clear_error_and_keeps_the_last_checkpoint(tr
         real_save(checkpoint, path)
 
     monkeypatch.setattr(torch_io, "_atomic_save", filling_disk)
-    with pytest.raises(UserError, match=r"stopped at step 3 .*No space left on device.*last complete checkpoint"):
-        train("model=tiny_gpt2", "objective=clm", "logger=none", "trainer.max_steps=6", "trainer.ckpt_every_n_steps=1")
+    with pytest.raises(
+        UserError, match=r"stopped at step 3 .*No space left on device.*last complete checkpoint"
+    ):
+        train(
+            "model=tiny_gpt2",
+            "objective=clm",
+            "logger=none",
+            "trainer.max_steps=6",
+            "trainer.ckpt_every_n_steps=1",
+        )
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert not (run_dir / "results.json").exists()
     assert "No space left on device" in json.loads((run_dir / "failed.json").read_text())["reason"]
     kept = torch.load(run_dir / "checkpoints" / "previous.ckpt", weights_only=False, map_location="cpu")
     assert kept["global_step"] == 2  # the write that failed replaced nothing
     monkeypatch.setattr(torch_io, "_atomic_save", real_save)  # space freed: the same command resumes
-    results = train("model=tiny_gpt2", "objective=clm", "logger=none", "trainer.max_steps=6",
-                    "trainer.ckpt_every_n_steps=1")
+    results = train(
+        "model=tiny_gpt2",
+        "objective=clm",
+        "logger=none",
+        "trainer.max_steps=6",
+        "trainer.ckpt_every_n_steps=1",
+    )
     assert results["run"]["steps"] == 6 and results["run"]["resumed_from_steps"] == [2]
 
 

@@ -36,17 +36,35 @@ def test_the_same_config_by_any_route_is_the_same_directory():
     assert name_of("model=tiny_gpt2", "objective=clm", "optim.lr=0.0001") == default
     assert name_of("objective=clm", "model=tiny_gpt2") == default  # order of overrides
     # what cannot change results stays out of the hash
-    assert name_of("model=tiny_gpt2", "objective=clm", "logger=csv", "trainer.enable_progress_bar=false",
-                   "data.num_workers=2", "measure.cache=false", "sweep_name=x") == default
+    assert (
+        name_of(
+            "model=tiny_gpt2",
+            "objective=clm",
+            "logger=csv",
+            "trainer.enable_progress_bar=false",
+            "data.num_workers=2",
+            "measure.cache=false",
+            "sweep_name=x",
+        )
+        == default
+    )
     # a control spelt with its default arguments is the same control
     assert name_of("model=tiny_gpt2", "objective=clm", "control=equal_step") == name_of(
-        "model=tiny_gpt2", "objective=clm", "control=equal_step", "control.equal_step.target=mean")
+        "model=tiny_gpt2", "objective=clm", "control=equal_step", "control.equal_step.target=mean"
+    )
 
 
 def test_any_result_changing_value_is_another_directory():
     default = name_of("model=tiny_gpt2", "objective=clm")
-    for override in ("optim.lr=0.001", "measure.n_probe=256", "data.batch_size=8", "trainer.max_steps=7",
-                     "objective.max_length=64", "model.config_overrides.n_layer=2", "data=pydoc_topics"):
+    for override in (
+        "optim.lr=0.001",
+        "measure.n_probe=256",
+        "data.batch_size=8",
+        "trainer.max_steps=7",
+        "objective.max_length=64",
+        "model.config_overrides.n_layer=2",
+        "data=pydoc_topics",
+    ):
         assert name_of("model=tiny_gpt2", "objective=clm", override) != default, override
 
 
@@ -77,7 +95,9 @@ def test_a_directory_of_another_config_is_refused_naming_the_keys(tmp_path):
     with pytest.raises(UserError, match=r"optim\.lr.*trainer\.max_steps|optim\.lr"):
         run.refuse_other_config(composed("optim.lr=0.001", "trainer.max_steps=7"))
     assert changed_keys(composed(), composed("optim.lr=0.001", "trainer.max_steps=7")) == [
-        "optim.lr", "trainer.max_steps"]
+        "optim.lr",
+        "trainer.max_steps",
+    ]
     assert config_hash(composed()) != config_hash(composed("optim.lr=0.001"))
 
 
@@ -95,8 +115,15 @@ def test_wandb_run_id_follows_the_directory_and_sweeps_share_a_group(tmp_path):
     from locality.trainer import build_logger
 
     run = RunDir(tmp_path / "gpt2-cls-equal_step-s3-0123abcd")
-    logger = build_logger(OmegaConf.structured(LoggerConf()), run, "gpt2-cls-equal_step-s3-0123abcd", {},
-                          group="paper_240", job_type="equal_step", tags=["family:decoder", "scale:<200M"])
+    logger = build_logger(
+        OmegaConf.structured(LoggerConf()),
+        run,
+        "gpt2-cls-equal_step-s3-0123abcd",
+        {},
+        group="paper_240",
+        job_type="equal_step",
+        tags=["family:decoder", "scale:<200M"],
+    )
     init = logger._wandb_init
     assert init["id"] == run.path.name and init["group"] == "paper_240" and init["job_type"] == "equal_step"
     assert init["tags"] == ["family:decoder", "scale:<200M"] and logger._offline

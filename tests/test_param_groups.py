@@ -18,48 +18,117 @@ WEIGHT_DECAY = 0.05
 
 # preset: (objective, names that must decay, names that must not), named as in the HF model with its LM head
 EXPECTED = {
-    "tiny_gpt2": ("clm",
-                  ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-                   "transformer.h.3.mlp.c_fc.weight"],
-                  ["transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.attn.c_attn.bias",
-                   "transformer.h.0.ln_1.weight", "transformer.h.0.ln_1.bias", "transformer.ln_f.weight"]),
-    "tiny_opt": ("clm",
-                 ["model.decoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.0.fc1.weight"],
-                 ["model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight",
-                  "model.decoder.final_layer_norm.weight", "model.decoder.layers.0.self_attn_layer_norm.weight",
-                  "model.decoder.layers.0.fc1.bias"]),
-    "tiny_pythia": ("clm",  # lm_head is Pythia's untied `embed_out` (renamed in transformers 5): a Linear
-                    ["lm_head.weight", "gpt_neox.layers.0.attention.query_key_value.weight",
-                     "gpt_neox.layers.0.mlp.dense_4h_to_h.weight"],
-                    ["gpt_neox.embed_in.weight", "gpt_neox.final_layer_norm.weight",
-                     "gpt_neox.layers.0.input_layernorm.weight", "gpt_neox.layers.0.attention.dense.bias"]),
-    "tiny_codegen": ("clm",
-                     ["lm_head.weight", "transformer.h.0.attn.qkv_proj.weight", "transformer.h.0.mlp.fc_in.weight"],
-                     ["transformer.wte.weight", "lm_head.bias", "transformer.ln_f.weight",
-                      "transformer.h.0.mlp.fc_in.bias"]),
-    "tiny_bert": ("mlm",
-                  ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.0.output.dense.weight",
-                   "cls.predictions.transform.dense.weight"],
-                  ["bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
-                   "bert.embeddings.token_type_embeddings.weight", "bert.embeddings.LayerNorm.weight",
-                   "bert.encoder.layer.0.output.LayerNorm.weight", "cls.predictions.bias",
-                   "cls.predictions.transform.LayerNorm.weight"]),
-    "tiny_roberta": ("mlm",
-                     ["roberta.encoder.layer.0.attention.self.key.weight", "lm_head.dense.weight"],
-                     ["roberta.embeddings.word_embeddings.weight", "roberta.embeddings.position_embeddings.weight",
-                      "roberta.embeddings.LayerNorm.weight", "lm_head.layer_norm.weight", "lm_head.bias"]),
-    "tiny_mamba": ("clm",
-                   ["backbone.layers.0.mixer.in_proj.weight", "backbone.layers.0.mixer.out_proj.weight",
-                    "backbone.layers.0.mixer.x_proj.weight", "backbone.layers.0.mixer.conv1d.weight"],
-                   ["backbone.layers.0.mixer.A_log", "backbone.layers.0.mixer.D", "backbone.embeddings.weight",
-                    "backbone.norm_f.weight", "backbone.layers.0.norm.weight", "backbone.layers.0.mixer.conv1d.bias",
-                    "backbone.layers.0.mixer.dt_proj.bias"]),
-    "tiny_rwkv": ("clm",
-                  ["rwkv.blocks.0.attention.key.weight", "rwkv.blocks.0.feed_forward.value.weight", "head.weight"],
-                  ["rwkv.blocks.0.attention.time_decay", "rwkv.blocks.0.attention.time_first",
-                   "rwkv.blocks.0.attention.time_mix_key", "rwkv.blocks.0.attention.time_mix_value",
-                   "rwkv.blocks.0.feed_forward.time_mix_key", "rwkv.blocks.0.pre_ln.weight",
-                   "rwkv.embeddings.weight", "rwkv.ln_out.weight"]),
+    "tiny_gpt2": (
+        "clm",
+        [
+            "transformer.h.0.attn.c_attn.weight",
+            "transformer.h.0.attn.c_proj.weight",
+            "transformer.h.3.mlp.c_fc.weight",
+        ],
+        [
+            "transformer.wte.weight",
+            "transformer.wpe.weight",
+            "transformer.h.0.attn.c_attn.bias",
+            "transformer.h.0.ln_1.weight",
+            "transformer.h.0.ln_1.bias",
+            "transformer.ln_f.weight",
+        ],
+    ),
+    "tiny_opt": (
+        "clm",
+        ["model.decoder.layers.0.self_attn.q_proj.weight", "model.decoder.layers.0.fc1.weight"],
+        [
+            "model.decoder.embed_tokens.weight",
+            "model.decoder.embed_positions.weight",
+            "model.decoder.final_layer_norm.weight",
+            "model.decoder.layers.0.self_attn_layer_norm.weight",
+            "model.decoder.layers.0.fc1.bias",
+        ],
+    ),
+    "tiny_pythia": (
+        "clm",  # lm_head is Pythia's untied `embed_out` (renamed in transformers 5): a Linear
+        [
+            "lm_head.weight",
+            "gpt_neox.layers.0.attention.query_key_value.weight",
+            "gpt_neox.layers.0.mlp.dense_4h_to_h.weight",
+        ],
+        [
+            "gpt_neox.embed_in.weight",
+            "gpt_neox.final_layer_norm.weight",
+            "gpt_neox.layers.0.input_layernorm.weight",
+            "gpt_neox.layers.0.attention.dense.bias",
+        ],
+    ),
+    "tiny_codegen": (
+        "clm",
+        ["lm_head.weight", "transformer.h.0.attn.qkv_proj.weight", "transformer.h.0.mlp.fc_in.weight"],
+        [
+            "transformer.wte.weight",
+            "lm_head.bias",
+            "transformer.ln_f.weight",
+            "transformer.h.0.mlp.fc_in.bias",
+        ],
+    ),
+    "tiny_bert": (
+        "mlm",
+        [
+            "bert.encoder.layer.0.attention.self.query.weight",
+            "bert.encoder.layer.0.output.dense.weight",
+            "cls.predictions.transform.dense.weight",
+        ],
+        [
+            "bert.embeddings.word_embeddings.weight",
+            "bert.embeddings.position_embeddings.weight",
+            "bert.embeddings.token_type_embeddings.weight",
+            "bert.embeddings.LayerNorm.weight",
+            "bert.encoder.layer.0.output.LayerNorm.weight",
+            "cls.predictions.bias",
+            "cls.predictions.transform.LayerNorm.weight",
+        ],
+    ),
+    "tiny_roberta": (
+        "mlm",
+        ["roberta.encoder.layer.0.attention.self.key.weight", "lm_head.dense.weight"],
+        [
+            "roberta.embeddings.word_embeddings.weight",
+            "roberta.embeddings.position_embeddings.weight",
+            "roberta.embeddings.LayerNorm.weight",
+            "lm_head.layer_norm.weight",
+            "lm_head.bias",
+        ],
+    ),
+    "tiny_mamba": (
+        "clm",
+        [
+            "backbone.layers.0.mixer.in_proj.weight",
+            "backbone.layers.0.mixer.out_proj.weight",
+            "backbone.layers.0.mixer.x_proj.weight",
+            "backbone.layers.0.mixer.conv1d.weight",
+        ],
+        [
+            "backbone.layers.0.mixer.A_log",
+            "backbone.layers.0.mixer.D",
+            "backbone.embeddings.weight",
+            "backbone.norm_f.weight",
+            "backbone.layers.0.norm.weight",
+            "backbone.layers.0.mixer.conv1d.bias",
+            "backbone.layers.0.mixer.dt_proj.bias",
+        ],
+    ),
+    "tiny_rwkv": (
+        "clm",
+        ["rwkv.blocks.0.attention.key.weight", "rwkv.blocks.0.feed_forward.value.weight", "head.weight"],
+        [
+            "rwkv.blocks.0.attention.time_decay",
+            "rwkv.blocks.0.attention.time_first",
+            "rwkv.blocks.0.attention.time_mix_key",
+            "rwkv.blocks.0.attention.time_mix_value",
+            "rwkv.blocks.0.feed_forward.time_mix_key",
+            "rwkv.blocks.0.pre_ln.weight",
+            "rwkv.embeddings.weight",
+            "rwkv.ln_out.weight",
+        ],
+    ),
 }
 
 
@@ -69,7 +138,9 @@ def splits():
 
 
 def build(preset: str, objective: str, splits, controls=()) -> LocalityModule:
-    backbone = load_backbone(ModelConf(**load_option("model", preset)), head=objective_class(objective).head_kind)
+    backbone = load_backbone(
+        ModelConf(**load_option("model", preset)), head=objective_class(objective).head_kind
+    )
     head = objective_class(objective)(backbone, splits, OmegaConf.structured(ObjectiveConf(name=objective)))
     optim = OmegaConf.structured(OptimConf(weight_decay=WEIGHT_DECAY))
     return LocalityModule(backbone, head, optim, controls)
@@ -83,8 +154,11 @@ def decay_by_name(module: LocalityModule) -> dict[str, float]:
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
     assert set(ids) == trainable, "every trainable parameter is in exactly one group"
     decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    return {name.removeprefix("model."): decay_of[id(p)]  # every name of a tied parameter
-            for name, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return {
+        name.removeprefix("model."): decay_of[id(p)]  # every name of a tied parameter
+        for name, p in module.named_parameters(remove_duplicate=False)
+        if p.requires_grad
+    }
 
 
 @pytest.mark.parametrize("preset", sorted(EXPECTED))

@@ -18,12 +18,18 @@ from locality.data.sources import load_builtin
 from locality.module import LocalityModule
 from locality.objectives import objective_class
 
-BERT_EMBEDDINGS = {"embeddings.word_embeddings", "embeddings.position_embeddings",
-                   "embeddings.token_type_embeddings", "embeddings.LayerNorm"}
+BERT_EMBEDDINGS = {
+    "embeddings.word_embeddings",
+    "embeddings.position_embeddings",
+    "embeddings.token_type_embeddings",
+    "embeddings.LayerNorm",
+}
 EXPECTED = {  # preset: part -> module names in the base model
     "tiny_gpt2": {"embeddings": {"wte", "wpe"}, "final_norm": {"ln_f"}},
-    "tiny_opt": {"embeddings": {"decoder.embed_tokens", "decoder.embed_positions"},
-                 "final_norm": {"decoder.final_layer_norm"}},
+    "tiny_opt": {
+        "embeddings": {"decoder.embed_tokens", "decoder.embed_positions"},
+        "final_norm": {"decoder.final_layer_norm"},
+    },
     "tiny_pythia": {"embeddings": {"embed_in"}, "final_norm": {"final_layer_norm"}},
     "tiny_codegen": {"embeddings": {"wte"}, "final_norm": {"ln_f"}},
     "tiny_bert": {"embeddings": BERT_EMBEDDINGS, "unused": {"pooler.dense"}},
@@ -61,8 +67,11 @@ def test_rwkv_pre_ln_belongs_to_block_0():
 def test_opt_projections_are_placed_by_where_they_run():
     overrides = {**load_option("model", "tiny_opt")["config_overrides"], "word_embed_proj_dim": 32}
     backbone = load_backbone(spec("tiny_opt", config_overrides=overrides))
-    assert set(backbone.part_names["embeddings"]) == {"decoder.embed_tokens", "decoder.embed_positions",
-                                                      "decoder.project_in"}
+    assert set(backbone.part_names["embeddings"]) == {
+        "decoder.embed_tokens",
+        "decoder.embed_positions",
+        "decoder.project_in",
+    }
     assert set(backbone.part_names["final_norm"]) == {"decoder.final_layer_norm", "decoder.project_out"}
 
 
@@ -109,8 +118,12 @@ class Toy(nn.Module):
 
 def test_toy_parts_every_kind():
     toy = Toy()
-    assert classify_parts(toy, toy.layers) == {"embeddings": ["tok", "pos"], "final_norm": ["norm"],
-                                               "interleaved": ["shared"], "unused": ["pooler"]}
+    assert classify_parts(toy, toy.layers) == {
+        "embeddings": ["tok", "pos"],
+        "final_norm": ["norm"],
+        "interleaved": ["shared"],
+        "unused": ["pooler"],
+    }
 
 
 def test_a_forward_that_cannot_run_falls_back_to_names():
@@ -129,11 +142,13 @@ def test_a_forward_that_cannot_run_falls_back_to_names():
 def bert_cls():
     def build(*controls):
         backbone = load_backbone(spec("tiny_bert"))
-        objective = objective_class("cls")(backbone, load_builtin("stdlib_docs", 16, 16),
-                                           OmegaConf.structured(ObjectiveConf()))
+        objective = objective_class("cls")(
+            backbone, load_builtin("stdlib_docs", 16, 16), OmegaConf.structured(ObjectiveConf())
+        )
         module = LocalityModule(backbone, objective, OmegaConf.structured(OptimConf(lr=1.0)), list(controls))
         module.configure_model()
         return module
+
     return build
 
 
@@ -149,7 +164,7 @@ def test_llrd_gives_bert_embedding_layernorm_the_embeddings_lr(bert_cls):
     module = bert_cls(LayerwiseLRDecay(decay=0.5))
     lr_of = {id(p): g["lr"] for g in module.param_groups() for p in g["params"]}
     layer_norm = module.backbone.base.embeddings.LayerNorm
-    assert {lr_of[id(p)] for p in layer_norm.parameters()} == {0.5 ** module.backbone.n_layers}
+    assert {lr_of[id(p)] for p in layer_norm.parameters()} == {0.5**module.backbone.n_layers}
     assert {lr_of[id(p)] for p in module.objective.head.parameters()} == {1.0}
 
 

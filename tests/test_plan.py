@@ -42,13 +42,20 @@ def test_an_invalid_run_is_named_and_exits_2(capsys):
 def test_matrix_blocks_are_a_union_and_command_line_keys_apply_to_every_block():
     matrix = [{"model": ["a", "b"], "seed": [0, 1]}, {"model": "c", "control": ["equal_step"], "seed": [0]}]
     jobs = expand(matrix, {})
-    assert jobs == [["model=a", "seed=0"], ["model=a", "seed=1"], ["model=b", "seed=0"], ["model=b", "seed=1"],
-                    ["model=c", "control=equal_step", "seed=0"]]
+    assert jobs == [
+        ["model=a", "seed=0"],
+        ["model=a", "seed=1"],
+        ["model=b", "seed=0"],
+        ["model=b", "seed=1"],
+        ["model=c", "control=equal_step", "seed=0"],
+    ]
     jobs = expand(matrix, {"seed": ["seed=5"]})  # replaces each block's seeds; duplicates kept once
     assert jobs == [["model=a", "seed=5"], ["model=b", "seed=5"], ["model=c", "control=equal_step", "seed=5"]]
     assert expand(None, {"a": ["a=1", "a=2"]}) == [["a=1"], ["a=2"]]  # no matrix: Hydra's basic sweep
     assert block_lists({"measure.metrics": [[1, 2]], "x": [None, True]}) == {
-        "measure.metrics": ["measure.metrics=[1,2]"], "x": ["x=null", "x=true"]}
+        "measure.metrics": ["measure.metrics=[1,2]"],
+        "x": ["x=null", "x=true"],
+    }
 
 
 def test_the_sweeper_is_the_matrix_sweeper():

@@ -44,7 +44,9 @@ def test_pretraining_lowers_heldout_loss(monkeypatch):
     model.pretrain.seq_len = 64
     _, info = pretrain_module.pretrain(model, load_tokenizer(model, None), "causal_lm", settings(model))
     assert info["steps"] == len(info["losses"]) == 40
-    assert info["heldout_before"] == pytest.approx(torch.log(torch.tensor(4096.0)).item(), abs=0.1)  # ~ln(vocab)
+    assert info["heldout_before"] == pytest.approx(
+        torch.log(torch.tensor(4096.0)).item(), abs=0.1
+    )  # ~ln(vocab)
     assert info["heldout_after"] < info["heldout_before"] - 1.0
     assert sum(info["losses"][-5:]) < sum(info["losses"][:5]) - 5.0
 
@@ -53,7 +55,9 @@ def test_masked_lm_pretraining_masks_15_percent_of_ordinary_tokens():
     tokenizer = load_tokenizer(spec("tiny_bert"), None)
     blocks, _ = pretrain_module.corpus_blocks(tokenizer, 64, masked=True)
     assert (blocks[:, 0] == tokenizer.cls_token_id).all() and (blocks[:, -1] == tokenizer.sep_token_id).all()
-    inputs, labels = pretrain_module.mask_tokens(blocks[:200], tokenizer, 0.15, torch.Generator().manual_seed(0))
+    inputs, labels = pretrain_module.mask_tokens(
+        blocks[:200], tokenizer, 0.15, torch.Generator().manual_seed(0)
+    )
     scored = labels != -100
     special = torch.isin(blocks[:200], torch.tensor(tokenizer.all_special_ids))
     assert not (scored & special).any()
@@ -71,8 +75,10 @@ def test_cache_key_covers_what_determines_the_weights(monkeypatch):
     changed = [
         spec("tiny_gpt2", config_overrides={"n_layer": 3, "n_embd": 64, "n_head": 4, "n_positions": 256}),
         spec("tiny_gpt2", tokenizer="sentence-transformers/all-MiniLM-L6-v2"),
-        *(spec("tiny_gpt2", pretrain=dataclasses.replace(base.pretrain, **{field: value}))
-          for field, value in (("steps", 9), ("lr", 1e-3), ("seed", 1), ("batch_size", 4), ("seq_len", 64))),
+        *(
+            spec("tiny_gpt2", pretrain=dataclasses.replace(base.pretrain, **{field: value}))
+            for field, value in (("steps", 9), ("lr", 1e-3), ("seed", 1), ("batch_size", 4), ("seq_len", 64))
+        ),
     ]
     keys = {key, *(key_of(s) for s in changed), key_of(base, head="masked_lm")}
     assert len(keys) == len(changed) + 2
@@ -125,12 +131,15 @@ def test_random_and_pretrained_init_differ_and_say_so():
     assert pretrained.pretrained and pretrained.init_from.startswith("pretrained:gpt2-")
     assert not random.pretrained and random.init_from == "random"
     weights = dict(random.model.named_parameters())
-    assert all(not torch.equal(p, weights[name]) for name, p in pretrained.model.named_parameters()
-               if p.ndim == 2)
+    assert all(
+        not torch.equal(p, weights[name]) for name, p in pretrained.model.named_parameters() if p.ndim == 2
+    )
 
 
-@pytest.mark.parametrize(("preset", "lm_class", "head"), [("tiny_bert", AutoModelForMaskedLM, "masked_lm"),
-                                                          ("tiny_pythia", AutoModelForCausalLM, "causal_lm")])
+@pytest.mark.parametrize(
+    ("preset", "lm_class", "head"),
+    [("tiny_bert", AutoModelForMaskedLM, "masked_lm"), ("tiny_pythia", AutoModelForCausalLM, "causal_lm")],
+)
 def test_new_heads_load_the_base_and_lm_objectives_the_pretrained_head(preset, lm_class, head):
     model = spec(preset)
     key = load_backbone(model, head=head).init_from.removeprefix("pretrained:")
@@ -192,8 +201,16 @@ def test_mini_matrix_is_every_family_at_two_sizes_from_pretrained_checkpoints():
     runs = plan(["experiment=mini_matrix"])
     assert len(runs) == 112 and len({r.run_dir for r in runs}) == 112
     assert not [r.problem for r in runs if r.problem]
-    small = {"tiny_gpt2", "tiny_opt", "tiny_pythia", "tiny_codegen", "tiny_bert", "tiny_roberta", "tiny_mamba",
-             "tiny_rwkv"}
+    small = {
+        "tiny_gpt2",
+        "tiny_opt",
+        "tiny_pythia",
+        "tiny_codegen",
+        "tiny_bert",
+        "tiny_roberta",
+        "tiny_mamba",
+        "tiny_rwkv",
+    }
     models = {r.model for r in runs}
     assert small <= models and len(models - small) == 6 and all(m.endswith("_l") for m in models - small)
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):

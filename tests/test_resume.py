@@ -37,7 +37,9 @@ class Toy(L.LightningModule):
     def __init__(self):
         super().__init__()
         self.embed = nn.Linear(8, 16)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.3), nn.Tanh()) for _ in range(2))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.3), nn.Tanh()) for _ in range(2)
+        )
         self.head = nn.Linear(16, 3)
         self.parts = {"embeddings": self.embed, "head": self.head}
         self.seen: list[list[int]] = []
@@ -64,8 +66,11 @@ class Toy(L.LightningModule):
 def collate(examples):
     """Draws from the global RNG, as MLM masking does: the resumed run must draw the same numbers."""
     x = torch.stack([e["x"] for e in examples])
-    return {"x": x + 0.1 * torch.rand_like(x), "y": torch.tensor([e["y"] for e in examples]),
-            "idx": torch.tensor([e["idx"] for e in examples])}
+    return {
+        "x": x + 0.1 * torch.rand_like(x),
+        "y": torch.tensor([e["y"] for e in examples]),
+        "idx": torch.tensor([e["idx"] for e in examples]),
+    }
 
 
 def toy_data(n_train: int) -> LocalityDataModule:
@@ -95,12 +100,25 @@ def fit(tmp_path: Path, n_train: int, stop_at: int | None = None, max_steps: int
     L.seed_everything(0, verbose=False)
     module, state, control = Toy(), RunState(), EqualStep()
     trainer = L.Trainer(
-        max_steps=max_steps, max_epochs=-1, logger=AppendingCSVLogger(tmp_path, name="csv", version=""),
-        log_every_n_steps=1, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        deterministic=True, accelerator="cpu", devices=1,
-        callbacks=[control, Stop(stop_at), state,
-                   KeepPreviousCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0,
-                                          every_n_train_steps=5)])
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=AppendingCSVLogger(tmp_path, name="csv", version=""),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+        accelerator="cpu",
+        devices=1,
+        callbacks=[
+            control,
+            Stop(stop_at),
+            state,
+            KeepPreviousCheckpoint(
+                dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=5
+            ),
+        ],
+    )
     last = tmp_path / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=toy_data(n_train), ckpt_path=str(last) if last.is_file() else None)
     return module, control, state, trainer
@@ -122,7 +140,11 @@ def test_a_resumed_fit_equals_an_uninterrupted_one(tmp_path, n_train, where):
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "checkpoints" / "previous.ckpt").is_file()
     resumed, control, state, trainer = fit(run, n_train)
 
-    assert trainer.global_step == 25 and state.resumed_from_steps == [10] and whole_state.resumed_from_steps == []
+    assert (
+        trainer.global_step == 25
+        and state.resumed_from_steps == [10]
+        and whole_state.resumed_from_steps == []
+    )
     assert resumed.seen == whole.seen[10:], f"the resumed run ({where}) saw other batches"
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # bit-identical: same batches, same collate draws, same dropout masks
@@ -160,11 +182,29 @@ def test_the_loader_position_survives_a_state_dict_round_trip():
 
 # ----------------------------------------------------------------------------------------------- the CLI
 
-ARGS = ["model=tiny_gpt2", "model.init=random", "objective=cls", "control=equal_step", "measure=fast",
-        "logger=csv", "trainer.enable_progress_bar=false", "trainer.max_steps=40", "trainer.ckpt_every_n_steps=10",
-        "trainer.log_every_n_steps=5", "measure.every_n_steps=10", "measure.kl_probe_train=0", "data=sst2",
-        "data.name=local", "data.path=json", "data.subset=null", "data.text_field=text", "data.probe_split=null",
-        "data.n_validation=16", "data.batch_size=4", "objective.max_length=32"]
+ARGS = [
+    "model=tiny_gpt2",
+    "model.init=random",
+    "objective=cls",
+    "control=equal_step",
+    "measure=fast",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "trainer.max_steps=40",
+    "trainer.ckpt_every_n_steps=10",
+    "trainer.log_every_n_steps=5",
+    "measure.every_n_steps=10",
+    "measure.kl_probe_train=0",
+    "data=sst2",
+    "data.name=local",
+    "data.path=json",
+    "data.subset=null",
+    "data.text_field=text",
+    "data.probe_split=null",
+    "data.n_validation=16",
+    "data.batch_size=4",
+    "objective.max_length=32",
+]
 TIMING_KEYS = {"wall_s", "timings", "versions", "resumed_from_steps"}
 WORDS = "the a model layer depth change python list dict value error file read write loop call return".split()
 
@@ -175,8 +215,14 @@ def local_data(folder: Path) -> str:
     folder.mkdir()
     files = {}
     for split, n in (("train", 44), ("validation", 80)):
-        rows = [{"text": f"{split} {i}: " + " ".join(WORDS[(i * k + len(split)) % len(WORDS)] for k in range(3, 12)),
-                 "label": i % 3} for i in range(n)]
+        rows = [
+            {
+                "text": f"{split} {i}: "
+                + " ".join(WORDS[(i * k + len(split)) % len(WORDS)] for k in range(3, 12)),
+                "label": i % 3,
+            }
+            for i in range(n)
+        ]
         (folder / f"{split}.json").write_text("\n".join(json.dumps(r) for r in rows))
         files[split] = str(folder / f"{split}.json")
     return f"data.data_files={{train:{files['train']},validation:{files['validation']}}}"
@@ -186,7 +232,9 @@ def launch(out: Path, *extra: str, wait: bool = True):
     env = {**os.environ, "LOCALITY_OUTPUTS": str(out), "HYDRA_FULL_ERROR": "0"}
     cmd = [sys.executable, "-m", "locality.train", *ARGS, *extra]
     if not wait:  # output to nowhere: a full pipe would stall the run
-        return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return subprocess.Popen(
+            cmd, cwd=out.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
     return subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -243,8 +291,10 @@ def test_killed_and_relaunched_run_writes_the_results_of_an_uninterrupted_one(tm
     gaps = {k: abs(leaves_a[k] - leaves_b[k]) for k in numbers if leaves_b[k] is not None}
     assert [k for k in numbers if leaves_b[k] is None] == [] and len(numbers) > 200
     worst = max(gaps, key=gaps.get)
-    print(f"resume: {len(numbers)} numbers, max |difference| = {gaps[worst]:.3g} ({worst}), "
-          f"resumed from {b['run']['resumed_from_steps']}")
+    print(
+        f"resume: {len(numbers)} numbers, max |difference| = {gaps[worst]:.3g} ({worst}), "
+        f"resumed from {b['run']['resumed_from_steps']}"
+    )
     assert gaps[worst] <= 1e-6, {k: (leaves_a[k], leaves_b[k]) for k, g in gaps.items() if g > 1e-6}
     # one metrics.csv with every row of the uninterrupted run's, in order (train, equal-step, dynamics, val)
     rows = metrics_rows(run)
@@ -255,8 +305,16 @@ def test_killed_and_relaunched_run_writes_the_results_of_an_uninterrupted_one(tm
 def test_a_damaged_checkpoint_is_reported_with_the_way_out(train, tmp_path):
     """A cut-short last.ckpt: the relaunch exits 2 before loading anything, with one paragraph naming
     previous.ckpt and force=true; both ways out work."""
-    args = ["model=tiny_gpt2", "model.init=random", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2",
-            "logger=csv", "measure.kl_probe_train=0", "measure.n_boot=40", "measure.n_boot_procrustes=0"]
+    args = [
+        "model=tiny_gpt2",
+        "model.init=random",
+        "trainer.max_steps=4",
+        "trainer.ckpt_every_n_steps=2",
+        "logger=csv",
+        "measure.kl_probe_train=0",
+        "measure.n_boot=40",
+        "measure.n_boot_procrustes=0",
+    ]
     train(*args)
     run = run_dir(tmp_path)
     last, previous = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "previous.ckpt"
@@ -269,8 +327,14 @@ def test_a_damaged_checkpoint_is_reported_with_the_way_out(train, tmp_path):
 
     damage()
     env = {**os.environ, "LOCALITY_OUTPUTS": str(tmp_path), "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run([sys.executable, "-m", "locality.train", *TRAIN_FAST, *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "locality.train", *TRAIN_FAST, *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     message = " ".join(proc.stderr.split())
     assert "Traceback" not in message and "last.ckpt cannot be read" in message, message

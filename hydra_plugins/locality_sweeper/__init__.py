@@ -29,8 +29,12 @@ class SweepFailed(HydraException):
 
 
 class MatrixSweeper(BasicSweeper):
-    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
-                 matrix: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: int | None = None,
+        params: dict[str, str] | None = None,
+        matrix: list[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.matrix = matrix or []
 

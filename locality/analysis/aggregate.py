@@ -24,8 +24,17 @@ from locality.taxonomy import scale_band
 
 # A run's identity. Runs that share a config_hash are replicates (they differ only in the seed); runs that
 # share a setting_hash differ only in control and seed. Nothing is ever pooled across setting hashes.
-IDENTITY = ["model", "family", "block_type", "scale_band", "objective", "control", "seed", "config_hash",
-            "setting_hash"]
+IDENTITY = [
+    "model",
+    "family",
+    "block_type",
+    "scale_band",
+    "objective",
+    "control",
+    "seed",
+    "config_hash",
+    "setting_hash",
+]
 PROFILE_STATS = ("slope_per_layer", "steepness", "width", "width_count")
 
 
@@ -70,8 +79,10 @@ def inventory(paths: list[str]) -> Inventory:
             try:
                 result = json.loads(results.read_text())
                 if not isinstance(result, dict) or result.get("schema") != SCHEMA:
-                    raise ValueError(f"schema is {result.get('schema') if isinstance(result, dict) else None!r},"
-                                     f" not {SCHEMA!r}")
+                    raise ValueError(
+                        f"schema is {result.get('schema') if isinstance(result, dict) else None!r},"
+                        f" not {SCHEMA!r}"
+                    )
                 result["run"]["name"]  # noqa: B018 - the minimum every table needs
             except (OSError, ValueError, KeyError, TypeError) as err:
                 found.unreadable.append({"path": str(results), "reason": f"{type(err).__name__}: {err}"})
@@ -124,13 +135,20 @@ def runs_table(results: list[dict]) -> pd.DataFrame:
     rows = []
     for r in results:
         run = r["run"]
-        row = {**_identity(r), **{k: run.get(k) for k in ("n_params", "n_layers", "steps", "wall_s", "init_from")},
-               "data": (run.get("data") or {}).get("name"), "sweep": run.get("sweep"), "path": r.get("_path")}
+        row = {
+            **_identity(r),
+            **{k: run.get(k) for k in ("n_params", "n_layers", "steps", "wall_s", "init_from")},
+            "data": (run.get("data") or {}).get("name"),
+            "sweep": run.get("sweep"),
+            "path": r.get("_path"),
+        }
         init = r.get("init", {})
         row.update({f"init_{k}": v for k, v in init.items() if isinstance(v, int | float)})
-        if isinstance(init.get("update_rel"), list) and init["update_rel"]:
+        if "update_rel_slope" not in init and isinstance(init.get("update_rel"), list) and init["update_rel"]:
             first = init["update_rel"][0]  # the first optimizer step's per-block update ratios
-            row["init_update_rel_slope"] = _slope_over_blocks(first if isinstance(first, list) else init["update_rel"])
+            row["init_update_rel_slope"] = _slope_over_blocks(
+                first if isinstance(first, list) else init["update_rel"]
+            )
         row.update({f"final_{k}": v for k, v in r.get("final", {}).items() if isinstance(v, int | float)})
         for metric, stats in r.get("profile", {}).items():
             row[f"{metric}_slope"] = stats.get("slope")
@@ -150,8 +168,16 @@ def layers_table(results: list[dict]) -> pd.DataFrame:
         grad = [None, *r.get("init", {}).get("grad_rel", [])]
         for metric, values in {**r["change"], "grad_rel_init": grad}.items():
             for layer, value in enumerate(values):
-                rows.append({**ident, "metric": metric, "layer": layer, "layer_name": layer_names[layer],
-                             "depth": r["depth"][layer], "value": value})
+                rows.append(
+                    {
+                        **ident,
+                        "metric": metric,
+                        "layer": layer,
+                        "layer_name": layer_names[layer],
+                        "depth": r["depth"][layer],
+                        "value": value,
+                    }
+                )
     return pd.DataFrame(rows)
 
 

@@ -23,8 +23,10 @@ METRIC_LABELS = {
     "euclidean": "relative Euclidean distance",
     "weight_rel": "relative weight change ‖ΔW‖/‖W‖",
 }
-CONTROL_STYLE = {"standard": {"color": "C0", "ls": "-", "marker": "o"},
-                 "equal_step": {"color": "C3", "ls": "--", "marker": "s"}}
+CONTROL_STYLE = {
+    "standard": {"color": "C0", "ls": "-", "marker": "o"},
+    "equal_step": {"color": "C3", "ls": "--", "marker": "s"},
+}
 
 
 def label(metric: str) -> str:
@@ -57,8 +59,9 @@ def profile_figure(layers: pd.DataFrame, metric: str, out: Path) -> Path:
     panels = sorted(data.groupby(["family", "model", "objective", "setting_hash"]).groups)
     cols = min(6, max(1, len(panels)))
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 2.6 * rows + 0.6), squeeze=False, sharex=True,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.1 * cols, 2.6 * rows + 0.6), squeeze=False, sharex=True, layout="constrained"
+    )
     controls = sorted(data.control.unique(), key=lambda c: (c != "standard", c))
     for ax, (family, model, objective, setting) in zip(axes.flat, panels, strict=False):
         cell = data[(data.model == model) & (data.objective == objective) & (data.setting_hash == setting)]
@@ -71,7 +74,9 @@ def profile_figure(layers: pd.DataFrame, metric: str, out: Path) -> Path:
             style = _style(control, i)
             ax.plot(by_depth.depth, by_depth["mean"], ms=3, lw=1.3, label=f"{control} (n={seeds})", **style)
             if seeds > 1:
-                ax.fill_between(by_depth.depth, by_depth["min"], by_depth["max"], color=style["color"], alpha=0.18)
+                ax.fill_between(
+                    by_depth.depth, by_depth["min"], by_depth["max"], color=style["color"], alpha=0.18
+                )
         ax.set_title(f"{model} · {objective}\n{family}, setting {setting}", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.25)
@@ -80,7 +85,7 @@ def profile_figure(layers: pd.DataFrame, metric: str, out: Path) -> Path:
         ax.set_xlabel("depth l/L (0 = embeddings)", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel(label(metric), fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(f"Depth profile of change ({label(metric)}): mean over seeds, band = min–max", fontsize=10)
     return _save(fig, out / "figures" / f"profiles_{metric}.png")
@@ -91,14 +96,21 @@ def slope_forest(runs: pd.DataFrame, metric: str, out: Path, ci: float | None = 
     slope, lo, hi = f"{metric}_slope", f"{metric}_slope_lo", f"{metric}_slope_hi"
     data = runs.dropna(subset=[slope]).assign(_equal=lambda d: d.control != "standard")
     data = data.sort_values(["family", "model", "objective", "setting_hash", "_equal", "control", "seed"])
-    configs = list(dict.fromkeys(zip(data.family, data.model, data.objective, data.setting_hash, data.control,
-                                     strict=True)))
+    configs = list(
+        dict.fromkeys(
+            zip(data.family, data.model, data.objective, data.setting_hash, data.control, strict=True)
+        )
+    )
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.24 * len(configs)))
     controls = sorted(data.control.unique(), key=lambda c: (c != "standard", c))
     for row, key in enumerate(configs):
         family, model, objective, setting, control = key
-        cell = data[(data.model == model) & (data.objective == objective) & (data.setting_hash == setting)
-                    & (data.control == control)]
+        cell = data[
+            (data.model == model)
+            & (data.objective == objective)
+            & (data.setting_hash == setting)
+            & (data.control == control)
+        ]
         offsets = np.linspace(-0.3, 0.3, len(cell)) if len(cell) > 1 else [0.0]
         style = _style(control, controls.index(control))
         for offset, (_, run) in zip(offsets, cell.iterrows(), strict=True):
@@ -111,10 +123,18 @@ def slope_forest(runs: pd.DataFrame, metric: str, out: Path, ci: float | None = 
     ax.axvline(0, color="grey", lw=0.8)
     level = f"{ci:.0%} " if ci else ""
     ax.set_xlabel(f"locality gradient: OLS slope of {label(metric)} vs depth l/L", fontsize=8)
-    ax.set_title(f"Slope per run ({level}CI as lines; one row per configuration, its seeds stacked)", fontsize=9)
+    ax.set_title(
+        f"Slope per run ({level}CI as lines; one row per configuration, its seeds stacked)", fontsize=9
+    )
     for i, control in enumerate(controls):
-        ax.plot([], [], marker=_style(control, i)["marker"], color=_style(control, i)["color"], ls="none",
-                label=control)
+        ax.plot(
+            [],
+            [],
+            marker=_style(control, i)["marker"],
+            color=_style(control, i)["color"],
+            ls="none",
+            label=control,
+        )
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(axis="x", alpha=0.25)
     return _save(fig, out / "figures" / f"slopes_{metric}.png")
@@ -132,13 +152,25 @@ def steepness_scatter(runs: pd.DataFrame, metric: str, out: Path, rho: dict | No
     markers = {"standard": "o", "equal_step": "s"}
     for (family, control), group in data.groupby(["family", "control"]):
         colour = f"C{sorted(data.family.unique()).index(family)}"
-        ax.scatter(group.init_kl_norm, group[y], s=22, marker=markers.get(control, "^"), color=colour,
-                   alpha=0.8, label=f"{family}, {control}")
+        ax.scatter(
+            group.init_kl_norm,
+            group[y],
+            s=22,
+            marker=markers.get(control, "^"),
+            color=colour,
+            alpha=0.8,
+            label=f"{family}, {control}",
+        )
     ax.set_xlabel("training-free objective distance: KL(target ‖ pretrained) / ln K at step 0", fontsize=8)
-    ax.set_ylabel(f"steepness of {label(metric)}\n(e-folds of change per unit depth, blocks 1..L)", fontsize=8)
+    ax.set_ylabel(
+        f"steepness of {label(metric)}\n(e-folds of change per unit depth, blocks 1..L)", fontsize=8
+    )
     if rho and np.isfinite(rho.get("rho", np.nan)):
-        ax.set_title(f"Steepness vs objective distance: Spearman ρ = {rho['rho']:+.2f} "
-                     f"[{rho['rho_lo']:+.2f}, {rho['rho_hi']:+.2f}], n = {rho['n']}", fontsize=9)
+        ax.set_title(
+            f"Steepness vs objective distance: Spearman ρ = {rho['rho']:+.2f} "
+            f"[{rho['rho_lo']:+.2f}, {rho['rho_hi']:+.2f}], n = {rho['n']}",
+            fontsize=9,
+        )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.25)
     return _save(fig, out / "figures" / f"steepness_vs_distance_{metric}.png")

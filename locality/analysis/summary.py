@@ -49,13 +49,20 @@ def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
 
 def settings_table(runs: pd.DataFrame, metric: str) -> str:
     controls = sorted(runs.control.unique(), key=lambda c: (c != "standard", c))
-    lines = ["| family | model | objective | setting | " + " | ".join(controls) + " | survives equal-step |",
-             "|" + "---|" * (len(controls) + 5)]
+    lines = [
+        "| family | model | objective | setting | " + " | ".join(controls) + " | survives equal-step |",
+        "|" + "---|" * (len(controls) + 5),
+    ]
     # one row per setting: runs with other data or hyperparameters are never averaged together
-    for (family, model, objective, setting), group in runs.groupby(["family", "model", "objective", "setting_hash"]):
+    for (family, model, objective, setting), group in runs.groupby(
+        ["family", "model", "objective", "setting_hash"]
+    ):
         cells = [_fmt_slope(group[group.control == c], metric) for c in controls]
-        lines.append(f"| {family} | {model} | {objective} | {setting} | " + " | ".join(cells)
-                     + f" | {survives(group, metric)} |")
+        lines.append(
+            f"| {family} | {model} | {objective} | {setting} | "
+            + " | ".join(cells)
+            + f" | {survives(group, metric)} |"
+        )
     return "\n".join(lines)
 
 
@@ -65,13 +72,22 @@ def inventory_section(found: Inventory, missing: list[str] | None) -> list[str]:
         lines += [f"**{len(missing)} planned runs have no results yet** (from `locality.plan`):", ""]
         lines += [f"- {name}" for name in missing] + [""]
     if found.failed:
-        lines += [f"**{len(found.failed)} failed runs** (failed.json):", "", "| run | step | reason |",
-                  "|---|---|---|"]
-        lines += [f"| {f['run']} | {f['step'] if f['step'] is not None else '-'} | {f['reason']} |"
-                  for f in found.failed] + [""]
+        lines += [
+            f"**{len(found.failed)} failed runs** (failed.json):",
+            "",
+            "| run | step | reason |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {f['run']} | {f['step'] if f['step'] is not None else '-'} | {f['reason']} |"
+            for f in found.failed
+        ] + [""]
     if found.incomplete:
-        lines += [f"**{len(found.incomplete)} incomplete runs** (config.yaml but no results.json: still running, "
-                  "or killed):", ""]
+        lines += [
+            f"**{len(found.incomplete)} incomplete runs** (config.yaml but no results.json: still running, "
+            "or killed):",
+            "",
+        ]
         lines += [f"- {name}" for name in found.incomplete] + [""]
     if found.unreadable:
         lines += [f"**{len(found.unreadable)} results files could not be read** (skipped):", ""]
@@ -79,8 +95,13 @@ def inventory_section(found: Inventory, missing: list[str] | None) -> list[str]:
     return lines
 
 
-def summary_markdown(runs: pd.DataFrame, metric: str, tables: dict[str, pd.DataFrame] | None = None,
-                     found: Inventory | None = None, missing: list[str] | None = None) -> str:
+def summary_markdown(
+    runs: pd.DataFrame,
+    metric: str,
+    tables: dict[str, pd.DataFrame] | None = None,
+    found: Inventory | None = None,
+    missing: list[str] | None = None,
+) -> str:
     tables = tables or {}
     lines = [f"# locality summary ({len(runs)} runs, metric `{metric}`)", ""]
     lines += inventory_section(found, missing) if found is not None else []
@@ -94,9 +115,14 @@ def summary_markdown(runs: pd.DataFrame, metric: str, tables: dict[str, pd.DataF
     for key, title in titles.items():
         if key in tables:
             lines += [f"## {title}", "", markdown_table(tables[key]), ""]
-    lines += ["## Slope per setting", "",
-              f"Slope of `{metric}` change vs normalized depth (positive: change concentrates near the output), "
-              "with the bootstrap CI for single runs and mean ± sd over seeds otherwise. A setting is everything "
-              "but the control and the seed (its hash); different settings are never pooled.", "",
-              settings_table(runs, metric), ""]
+    lines += [
+        "## Slope per setting",
+        "",
+        f"Slope of `{metric}` change vs normalized depth (positive: change concentrates near the output), "
+        "with the bootstrap CI for single runs and mean ± sd over seeds otherwise. A setting is everything "
+        "but the control and the seed (its hash); different settings are never pooled.",
+        "",
+        settings_table(runs, metric),
+        "",
+    ]
     return "\n".join(lines)

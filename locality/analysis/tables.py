@@ -42,14 +42,19 @@ def headline(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
             continue
         have = standard.dropna(subset=[slope])
         positive = have[slope] > 0
-        rows.append({
-            "metric": metric, "n_runs": len(have), "n_positive": int(positive.sum()),
-            "fraction_positive": float(positive.mean()) if len(have) else math.nan,
-            "n_ci_above_zero": int((have[lo] > 0).sum()) if lo in have else 0,
-            "exceptions": ";".join(sorted(have.loc[~positive, "name"])),
-        })
-    return pd.DataFrame(rows, columns=["metric", "n_runs", "n_positive", "fraction_positive",
-                                       "n_ci_above_zero", "exceptions"])
+        rows.append(
+            {
+                "metric": metric,
+                "n_runs": len(have),
+                "n_positive": int(positive.sum()),
+                "fraction_positive": float(positive.mean()) if len(have) else math.nan,
+                "n_ci_above_zero": int((have[lo] > 0).sum()) if lo in have else 0,
+                "exceptions": ";".join(sorted(have.loc[~positive, "name"])),
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["metric", "n_runs", "n_positive", "fraction_positive", "n_ci_above_zero", "exceptions"]
+    )
 
 
 def objective_class(objective: str) -> str:
@@ -60,20 +65,29 @@ def equal_step_survival(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Equal-step runs by block_type x objective class x scale band: positive slopes, CI above zero."""
     slope, lo, _ = _slope_cols(metric)
     equal = runs[runs.control == "equal_step"].dropna(subset=[slope]).copy()
-    columns = ["block_type", "objective_class", "scale_band", "n_runs", "n_positive", "n_survive",
-               "fraction_survive"]
+    columns = [
+        "block_type",
+        "objective_class",
+        "scale_band",
+        "n_runs",
+        "n_positive",
+        "n_survive",
+        "fraction_survive",
+    ]
     if equal.empty:
         return pd.DataFrame(columns=columns)
     equal["objective_class"] = equal.objective.map(objective_class)
     equal["survive"] = (equal[slope] > 0) & (equal[lo] > 0)
     table = equal.groupby(["block_type", "objective_class", "scale_band"], dropna=False).agg(
-        n_runs=(slope, "size"), n_positive=(slope, lambda s: int((s > 0).sum())), n_survive=("survive", "sum"))
+        n_runs=(slope, "size"), n_positive=(slope, lambda s: int((s > 0).sum())), n_survive=("survive", "sum")
+    )
     table["fraction_survive"] = table.n_survive / table.n_runs
     return table.reset_index()[columns]
 
 
-def spearman_with_ci(x: pd.Series, y: pd.Series, ci: float = 0.95, n_boot: int = N_BOOT,
-                     seed: int = SEED) -> dict:
+def spearman_with_ci(
+    x: pd.Series, y: pd.Series, ci: float = 0.95, n_boot: int = N_BOOT, seed: int = SEED
+) -> dict:
     """Spearman rho, its p-value, and a percentile bootstrap CI over (x, y) pairs."""
     pairs = pd.DataFrame({"x": x, "y": y}).replace([np.inf, -np.inf], np.nan).dropna()
     n = len(pairs)
@@ -100,9 +114,18 @@ def steepness_vs_distance(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> 
     for control, group in [("all", runs), *runs.groupby("control")]:
         if f"{metric}_steepness" not in group or "init_kl_norm" not in group:
             continue
-        rows.append({"metric": metric, "control": control, "x": "init_kl_norm", "y": f"{metric}_steepness",
-                     **spearman_with_ci(group["init_kl_norm"], group[f"{metric}_steepness"], ci=ci)})
-    return pd.DataFrame(rows, columns=["metric", "control", "x", "y", "n", "rho", "p_value", "rho_lo", "rho_hi"])
+        rows.append(
+            {
+                "metric": metric,
+                "control": control,
+                "x": "init_kl_norm",
+                "y": f"{metric}_steepness",
+                **spearman_with_ci(group["init_kl_norm"], group[f"{metric}_steepness"], ci=ci),
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["metric", "control", "x", "y", "n", "rho", "p_value", "rho_lo", "rho_hi"]
+    )
 
 
 def width_variance(runs: pd.DataFrame, metric: str, width: str = "width_count") -> pd.DataFrame:
@@ -125,15 +148,26 @@ def width_variance(runs: pd.DataFrame, metric: str, width: str = "width_count") 
     rows = []
     for term, row in table.iterrows():
         factor = {"C(model)": "architecture (model)", "C(objective)": "objective"}.get(term, term.lower())
-        rows.append({"metric": metric, "width": width, "factor": factor, "sum_sq": float(row.sum_sq),
-                     "df": float(row.df), "F": float(row.F) if pd.notna(row.F) else math.nan,
-                     "p_value": float(row["PR(>F)"]) if pd.notna(row["PR(>F)"]) else math.nan,
-                     "eta_sq": float(row.sum_sq) / total if total > 0 else math.nan, "n_runs": len(data)})
+        rows.append(
+            {
+                "metric": metric,
+                "width": width,
+                "factor": factor,
+                "sum_sq": float(row.sum_sq),
+                "df": float(row.df),
+                "F": float(row.F) if pd.notna(row.F) else math.nan,
+                "p_value": float(row["PR(>F)"]) if pd.notna(row["PR(>F)"]) else math.nan,
+                "eta_sq": float(row.sum_sq) / total if total > 0 else math.nan,
+                "n_runs": len(data),
+            }
+        )
     return pd.DataFrame(rows, columns=columns)
 
 
-STEP0_PREDICTORS = {"init_grad_rel_slope": "step-0 gradient profile slope (grad_rel)",
-                    "init_update_rel_slope": "first steps' update-ratio slope (update_rel)"}
+STEP0_PREDICTORS = {
+    "init_grad_rel_slope": "step-0 gradient profile slope (grad_rel)",
+    "init_update_rel_slope": "first steps' update-ratio slope (update_rel)",
+}
 
 
 def step0_prediction(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.DataFrame:
@@ -144,7 +178,14 @@ def step0_prediction(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.Da
         for predictor, label in STEP0_PREDICTORS.items():
             if predictor not in group or group[predictor].isna().all() or slope not in group:
                 continue
-            rows.append({"metric": metric, "control": control, "predictor": label,
-                         **spearman_with_ci(group[predictor], group[slope], ci=ci)})
-    return pd.DataFrame(rows, columns=["metric", "control", "predictor", "n", "rho", "p_value", "rho_lo",
-                                       "rho_hi"])
+            rows.append(
+                {
+                    "metric": metric,
+                    "control": control,
+                    "predictor": label,
+                    **spearman_with_ci(group[predictor], group[slope], ci=ci),
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["metric", "control", "predictor", "n", "rho", "p_value", "rho_lo", "rho_hi"]
+    )

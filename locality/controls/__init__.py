@@ -11,5 +11,14 @@ from locality.controls.llrd import LayerwiseLRDecay
 from locality.controls.lora import LoRA
 from locality.controls.lp_ft import LPFT
 
-__all__ = ["Control", "EqualStep", "EqualStepCore", "Freeze", "L2SP", "LPFT", "LayerwiseLRDecay", "LoRA",
-           "UpdateRatioMonitor"]
+__all__ = [
+    "Control",
+    "EqualStep",
+    "EqualStepCore",
+    "Freeze",
+    "L2SP",
+    "LPFT",
+    "LayerwiseLRDecay",
+    "LoRA",
+    "UpdateRatioMonitor",
+]

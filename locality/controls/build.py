@@ -26,17 +26,23 @@ def build_controls(control_cfg: DictConfig | None) -> list[Control]:
 def _build(name: str, component: DictConfig) -> Control:
     plain = OmegaConf.to_container(component, resolve=True)
     if not isinstance(plain, dict) or "_target_" not in plain:
-        raise UserError(f"control.{name} must be a mapping with a `_target_` (a Control class), got {plain!r}.")
+        raise UserError(
+            f"control.{name} must be a mapping with a `_target_` (a Control class), got {plain!r}."
+        )
     try:
         cls = get_class(plain["_target_"])
     except Exception:  # noqa: BLE001 -- any import failure means the same thing to the user
-        raise UserError(f"control.{name}: `_target_: {plain['_target_']}` is not an importable class.") from None
+        raise UserError(
+            f"control.{name}: `_target_: {plain['_target_']}` is not an importable class."
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, Control)):
         raise UserError(f"control.{name}: {plain['_target_']} is not a locality Control.")
     accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
     unknown = sorted(set(plain) - {"_target_", *accepted})
     if unknown:
-        raise UserError(f"control.{name} has no argument(s) {unknown}; {cls.__name__} takes: {', '.join(accepted)}.")
+        raise UserError(
+            f"control.{name} has no argument(s) {unknown}; {cls.__name__} takes: {', '.join(accepted)}."
+        )
     try:
         return instantiate(component)
     except InstantiationException as err:

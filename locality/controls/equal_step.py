@@ -212,7 +212,9 @@ class EqualStepCore:
         moved = (d_norm > 0) & (w_norm > 0)
         return torch.where(moved, d_norm / torch.where(moved, w_norm, 1.0), 0.0)
 
-    def _equalize(self, local: list[torch.Tensor], snap: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _equalize(
+        self, local: list[torch.Tensor], snap: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """W_l := W_old + s_l ΔW_l, then the ratios actually reached, re-measured from the stored weights.
 
         The parameters hold ΔW (or its gradient part) while it is measured and scaled: local := W_new - W_old
@@ -225,8 +227,9 @@ class EqualStepCore:
             self._add_decay(local, snap, sign=+1.0)  # local := ΔW + lr·wd·W_old, the gradient part
         # A layer whose gradient is exactly zero this step (an unused path, a pooled-away position) moved only by
         # weight decay or momentum: it is left alone and stays out of the target.
-        w_norm, d_norm, g_norm = self._layer_norms(*(_sums_of_squares(ts, self._acc_dtype)
-                                                     for ts in (snap, local, self._gradients())))
+        w_norm, d_norm, g_norm = self._layer_norms(
+            *(_sums_of_squares(ts, self._acc_dtype) for ts in (snap, local, self._gradients()))
+        )
         moved = (d_norm > 0) & (w_norm > 0) & (g_norm > 0)
         safe_w = torch.where(moved, w_norm, 1.0)
         before = torch.where(moved, d_norm / safe_w, 0.0)
@@ -243,7 +246,9 @@ class EqualStepCore:
 
     def _layer_norms(self, *per_tensor_squares: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-layer norms from per-tensor sums of squares (summed over shards: one all_reduce for all rows)."""
-        squares = torch.stack([sq for rows in per_tensor_squares for sq in rows]).view(len(per_tensor_squares), -1)
+        squares = torch.stack([sq for rows in per_tensor_squares for sq in rows]).view(
+            len(per_tensor_squares), -1
+        )
         sums = squares.new_zeros(len(per_tensor_squares), self.n_layers).index_add_(1, self._segment, squares)
         if self.process_group is not None:
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
@@ -256,8 +261,11 @@ class EqualStepCore:
 
     def _decay_factors(self) -> list[tuple[list[int], float]]:
         """(tensor indices, lr * weight_decay) per optimizer parameter group with decay, read at this step."""
-        return [(idx, float(group["lr"]) * group["weight_decay"]) for idx, group in self.decay_groups
-                if group["weight_decay"]]
+        return [
+            (idx, float(group["lr"]) * group["weight_decay"])
+            for idx, group in self.decay_groups
+            if group["weight_decay"]
+        ]
 
     def _add_decay(self, local: list[torch.Tensor], snap: list[torch.Tensor], sign: float) -> None:
         for idx, lr_wd in self._decay_factors():
@@ -272,11 +280,15 @@ class EqualStepCore:
         """`decay="unscaled"`: equalize only the gradient part of AdamW's update (its decoupled weight decay is
         applied unscaled); the parameter groups' lr and weight_decay are read at every step."""
         if not isinstance(optimizer, torch.optim.AdamW):
-            raise ValueError(f"decay='unscaled' separates AdamW's decoupled weight decay; the optimizer is "
-                             f"{type(optimizer).__name__}. Use decay='scaled'.")
+            raise ValueError(
+                f"decay='unscaled' separates AdamW's decoupled weight decay; the optimizer is "
+                f"{type(optimizer).__name__}. Use decay='scaled'."
+            )
         index = {id(t): i for i, t in enumerate(self.tensors)}
-        self.decay_groups = [([index[id(p)] for p in group["params"] if id(p) in index], group)
-                             for group in optimizer.param_groups]
+        self.decay_groups = [
+            ([index[id(p)] for p in group["params"] if id(p) in index], group)
+            for group in optimizer.param_groups
+        ]
         self.decay_unscaled = True
 
     def _target_value(self, ratio: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
@@ -411,9 +423,11 @@ class UpdateRatioMonitor(Control):
         if not any(lora_layers(block) for block in pl_module.blocks):
             return EqualStepCore(layers, target=self.target, names=names)
         if self.target is not None or self.include:
-            raise ValueError(f"{type(self).__name__} with LoRA: equalizing (or including parts) would act on the "
-                             "adapter matrices, not the effective weights W0 + s*BA the ratio is about. Measure "
-                             "with UpdateRatioMonitor, or fine-tune fully.")
+            raise ValueError(
+                f"{type(self).__name__} with LoRA: equalizing (or including parts) would act on the "
+                "adapter matrices, not the effective weights W0 + s*BA the ratio is about. Measure "
+                "with UpdateRatioMonitor, or fine-tune fully."
+            )
         blocks = [f"block_{i:02d}" for i in range(len(pl_module.blocks))]
         return MergedLoRARatios(pl_module.blocks, blocks)
 
@@ -421,8 +435,12 @@ class UpdateRatioMonitor(Control):
         """The per-step history `summary()` is computed from, saved with every checkpoint."""
         if self.core is None:
             return dict(self._restored or {})
-        return {"layers": self.layer_names, "steps": self.core.steps, "history": self.core.history,
-                "enabled": self.enabled}
+        return {
+            "layers": self.layer_names,
+            "steps": self.core.steps,
+            "history": self.core.history,
+            "enabled": self.enabled,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning restores callbacks before `on_fit_start` builds the core (after it under FSDP2).
@@ -434,8 +452,10 @@ class UpdateRatioMonitor(Control):
             return
         state, self._restored = self._restored, None
         if list(state["layers"]) != self.layer_names:
-            raise ValueError(f"{type(self).__name__}: the checkpoint's history covers layers {state['layers']}, "
-                             f"this model has {self.layer_names}; it cannot be resumed with this control.")
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint's history covers layers {state['layers']}, "
+                f"this model has {self.layer_names}; it cannot be resumed with this control."
+            )
         self.core._pending.clear()
         self.core._history = [state["history"].float().cpu()] if len(state["history"]) else []
         self.core.steps = int(state["steps"])
@@ -491,11 +511,12 @@ class UpdateRatioMonitor(Control):
         }
 
     def first_update_ratios(self, k: int = FIRST_STEPS) -> list[list[float]]:
-        """The blocks' ratios r_l (before any control) of the first k real updates, one list per step: under
-        Adam these are set by lr * sqrt(N_l) / ||W_l||, not by gradient size (README: what equal-step removes)."""
-        history = self.history[:k, 0]
+        """The blocks' ratios r_l (before any control) of the first k real updates that moved a block, one list
+        per step (with LR warmup the very first update has lr = 0 and moves nothing). Under Adam these are set
+        by lr * sqrt(N_l) / ||W_l||, not by gradient size (README: what equal-step removes)."""
         blocks = [i for i, name in enumerate(self.layer_names) if name.startswith("block_")]
-        return history[:, blocks].tolist()
+        history = self.history[:, 0][:, blocks]
+        return history[(history > 0).any(-1)][:k].tolist()
 
     def _metrics(self, values: list[float]) -> dict[str, float]:
         n = self.core.n_layers
@@ -579,8 +600,10 @@ class EqualStep(UpdateRatioMonitor):
         super().__init__(include=include)
         self.target = _check_target(target)
         if decay not in DECAY_MODES:
-            raise ValueError(f"EqualStep decay must be one of {DECAY_MODES}, got {decay!r}: scaled equalizes "
-                             "AdamW's whole update (decay included), unscaled only its gradient part.")
+            raise ValueError(
+                f"EqualStep decay must be one of {DECAY_MODES}, got {decay!r}: scaled equalizes "
+                "AdamW's whole update (decay included), unscaled only its gradient part."
+            )
         self.decay = decay
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -592,7 +615,8 @@ class EqualStep(UpdateRatioMonitor):
                 f"EqualStep cannot equalize {'/'.join(low)} block parameters: rounding each updated weight to "
                 "8 bits of mantissa undoes the rescale (measured: a max/min spread of 1.3-1.8 per step where "
                 "float32 gives 1.000001). Keep float32 parameters and compute in bf16: model.dtype=float32 "
-                "trainer.precision=bf16-mixed.")
+                "trainer.precision=bf16-mixed."
+            )
         if self.decay == "unscaled":
             self.core.use_decay_from(self._optimizer)
 

@@ -14,10 +14,14 @@ from locality.controls.base import Control
 class Freeze(Control):
     name = "freeze"
 
-    def __init__(self, bottom: int | None = None, blocks: Sequence[int] | None = None, embeddings: bool = True):
+    def __init__(
+        self, bottom: int | None = None, blocks: Sequence[int] | None = None, embeddings: bool = True
+    ):
         if (bottom is None) == (blocks is None):
-            raise ValueError("freeze needs exactly one of `bottom` (freeze blocks 0..k-1) or `blocks` (a list); "
-                             "set the other to null.")
+            raise ValueError(
+                "freeze needs exactly one of `bottom` (freeze blocks 0..k-1) or `blocks` (a list); "
+                "set the other to null."
+            )
         if bottom is not None and not (isinstance(bottom, int) and bottom >= 0):
             raise ValueError(f"freeze bottom={bottom!r} must be a number of blocks >= 0.")
         self.bottom = bottom
@@ -27,12 +31,16 @@ class Freeze(Control):
 
     def check_model(self, n_blocks: int) -> None:
         if self.bottom is not None and self.bottom > n_blocks:
-            raise ValueError(f"freeze bottom={self.bottom}: the model has {n_blocks} blocks, so bottom must be "
-                             f"0..{n_blocks}.")
+            raise ValueError(
+                f"freeze bottom={self.bottom}: the model has {n_blocks} blocks, so bottom must be "
+                f"0..{n_blocks}."
+            )
         bad = [i for i in self.blocks or [] if not -n_blocks <= i < n_blocks]
         if bad:
-            raise ValueError(f"freeze blocks {bad} are out of range: the model has {n_blocks} blocks "
-                             f"(0..{n_blocks - 1}, or -1..-{n_blocks} from the top).")
+            raise ValueError(
+                f"freeze blocks {bad} are out of range: the model has {n_blocks} blocks "
+                f"(0..{n_blocks - 1}, or -1..-{n_blocks} from the top)."
+            )
 
     def configure_model(self, module) -> None:
         n = len(module.blocks)

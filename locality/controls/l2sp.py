@@ -19,7 +19,9 @@ class L2SP(Control):
         if strength < 0:
             raise ValueError(f"l2sp strength must be >= 0, got {strength}")
         if scope not in ("backbone", "blocks"):
-            raise ValueError(f"l2sp scope must be 'backbone' (all pretrained weights) or 'blocks', got {scope!r}")
+            raise ValueError(
+                f"l2sp scope must be 'backbone' (all pretrained weights) or 'blocks', got {scope!r}"
+            )
         self.strength = strength
         self.scope = scope
         self.params: list[torch.nn.Parameter] = []

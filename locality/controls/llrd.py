@@ -26,7 +26,7 @@ class LayerwiseLRDecay(Control):
                 scale_of[id(p)] = self.decay ** (n - 1 - i)
         if "embeddings" in module.parts:
             for p in module.parts["embeddings"].parameters():
-                scale_of[id(p)] = self.decay ** n
+                scale_of[id(p)] = self.decay**n
         base_lr = module.optim.lr
         out = []
         for group in groups:

@@ -19,8 +19,14 @@ from locality.controls.base import Control
 class LoRA(Control):
     name = "lora"
 
-    def __init__(self, rank: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 targets: Sequence[str] | None = None, layers: Sequence[int] | None = None):
+    def __init__(
+        self,
+        rank: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        targets: Sequence[str] | None = None,
+        layers: Sequence[int] | None = None,
+    ):
         if not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"lora rank={rank!r} must be an integer >= 1 (e.g. 8).")
         if not alpha > 0:
@@ -37,8 +43,10 @@ class LoRA(Control):
     def check_model(self, n_blocks: int) -> None:
         bad = [i for i in self.layers or [] if not -n_blocks <= i < n_blocks]
         if bad:
-            raise ValueError(f"lora layers {bad} are out of range: the model has {n_blocks} blocks "
-                             f"(0..{n_blocks - 1}, or -1..-{n_blocks} from the top).")
+            raise ValueError(
+                f"lora layers {bad} are out of range: the model has {n_blocks} blocks "
+                f"(0..{n_blocks - 1}, or -1..-{n_blocks} from the top)."
+            )
 
     def _target_names(self, module) -> list[str]:
         """Full names (relative to the HF model) of the linear layers to adapt, inside the chosen blocks."""
@@ -54,16 +62,19 @@ class LoRA(Control):
                 if self.targets is None or sub_name.split(".")[-1] in self.targets:
                     chosen.append(names[id(sub)])
         if not chosen:
-            raise ValueError(f"lora: no linear layer named {self.targets} in blocks {list(layers)}. Linear layers "
-                             f"of block 0: {[n for n, m in module.blocks[0].named_modules() if isinstance(m, nn.Linear | Conv1D)]}")
+            raise ValueError(
+                f"lora: no linear layer named {self.targets} in blocks {list(layers)}. Linear layers "
+                f"of block 0: {[n for n, m in module.blocks[0].named_modules() if isinstance(m, nn.Linear | Conv1D)]}"
+            )
         return chosen
 
     def configure_model(self, module) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
         self.adapted = self._target_names(module)
-        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                            target_modules=self.adapted)
+        config = LoraConfig(
+            r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.adapted
+        )
         inject_adapter_in_model(config, module.model)
         for name, param in module.model.named_parameters():
             param.requires_grad = "lora_" in name

@@ -19,8 +19,13 @@ from locality.controls.base import Control
 class LPFT(Control):
     name = "lp_ft"
 
-    def __init__(self, probe_steps: int = 100, target_acc: float | None = None, target_loss: float | None = None,
-                 smoothing: float = 0.9):
+    def __init__(
+        self,
+        probe_steps: int = 100,
+        target_acc: float | None = None,
+        target_loss: float | None = None,
+        smoothing: float = 0.9,
+    ):
         if probe_steps < 0:
             raise ValueError(f"lp_ft probe_steps must be >= 0, got {probe_steps}")
         if target_acc is not None and not 0 < target_acc <= 1:
@@ -63,8 +68,9 @@ class LPFT(Control):
         metrics = trainer.callback_metrics
         self._loss = self._ema(self._loss, metrics.get("train/loss"))
         self._acc = self._ema(self._acc, metrics.get("train/acc"))
-        reached = ((self.target_acc is not None and self._acc is not None and self._acc >= self.target_acc)
-                   or (self.target_loss is not None and self._loss is not None and self._loss <= self.target_loss))
+        reached = (
+            self.target_acc is not None and self._acc is not None and self._acc >= self.target_acc
+        ) or (self.target_loss is not None and self._loss is not None and self._loss <= self.target_loss)
         if trainer.global_step >= self.probe_steps or reached:
             self._switch(trainer, pl_module)
 

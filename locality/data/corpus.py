@@ -30,8 +30,21 @@ from locality.paths import cache_dir
 
 # The topic-classification labels: which of these standard-library packages a docstring comes from.
 TOPIC_PACKAGES = (
-    "asyncio", "collections", "concurrent", "email", "http", "importlib", "inspect", "json", "logging",
-    "multiprocessing", "tarfile", "tkinter", "unittest", "urllib", "xml",
+    "asyncio",
+    "collections",
+    "concurrent",
+    "email",
+    "http",
+    "importlib",
+    "inspect",
+    "json",
+    "logging",
+    "multiprocessing",
+    "tarfile",
+    "tkinter",
+    "unittest",
+    "urllib",
+    "xml",
 )
 MIN_CHARS = 30
 
@@ -54,7 +67,11 @@ def _docstrings(path: Path) -> list[str]:
         tree = ast.parse(path.read_text(encoding="utf-8"))
     except (SyntaxError, UnicodeDecodeError):
         return []
-    nodes = (n for n in ast.walk(tree) if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef))
+    nodes = (
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+    )
     return [doc for n in nodes if (doc := ast.get_docstring(n)) and len(doc) >= MIN_CHARS]
 
 
@@ -68,7 +85,9 @@ def stdlib_docstrings() -> tuple[tuple[str, str], ...]:
     """(package, docstring) pairs for TOPIC_PACKAGES, near-duplicates dropped (first occurrence kept).
 
     Parsing the standard library takes seconds, so the result is cached per Python version."""
-    key = hashlib.sha1(repr((sys.version, str(_stdlib_root()), TOPIC_PACKAGES, MIN_CHARS)).encode()).hexdigest()[:12]
+    key = hashlib.sha1(
+        repr((sys.version, str(_stdlib_root()), TOPIC_PACKAGES, MIN_CHARS)).encode()
+    ).hexdigest()[:12]
     path = cache_dir() / f"stdlib_docs_{key}.json"
     if path.is_file():
         return tuple(tuple(pair) for pair in json.loads(path.read_text()))

@@ -27,7 +27,9 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(self, dataset, seed: int, num_replicas: int = 1, rank: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False
+        )
         self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -37,7 +39,7 @@ class EpochSampler(DistributedSampler):
         self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.skip:])
+        return iter(list(super().__iter__())[self.skip :])
 
 
 class ResumableLoader(DataLoader):
@@ -65,10 +67,15 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("batch_size", self.batch_size) != self.batch_size:
-            raise ValueError(f"the checkpoint's train loader had batch size {state_dict['batch_size']}, this one "
-                             f"{self.batch_size}: its position cannot be restored.")
-        self._restore = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]),
-                         "batch_size": self.batch_size}
+            raise ValueError(
+                f"the checkpoint's train loader had batch size {state_dict['batch_size']}, this one "
+                f"{self.batch_size}: its position cannot be restored."
+            )
+        self._restore = {
+            "epoch": int(state_dict["epoch"]),
+            "batches": int(state_dict["batches"]),
+            "batch_size": self.batch_size,
+        }
 
     def __iter__(self) -> Iterator:
         return _Pass(self)
@@ -148,8 +155,15 @@ class LocalityDataModule(L.LightningDataModule):
     training loader draws from the global RNG (through the collate) and moves on from epoch to epoch; it is
     resumable (`ResumableLoader`). Every other loader repeats itself (`EvalLoader`)."""
 
-    def __init__(self, splits: Splits, objective, batch_size: int, eval_batch_size: int, seed: int,
-                 num_workers: int = 0):
+    def __init__(
+        self,
+        splits: Splits,
+        objective,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        num_workers: int = 0,
+    ):
         super().__init__()
         self.splits = splits
         self.collate = objective.collate
@@ -163,18 +177,33 @@ class LocalityDataModule(L.LightningDataModule):
     def _loader(self, examples: list[dict], batch_size: int, collate=None) -> EvalLoader:
         # Every loader has its own generator: iterating a loader without one draws from the global RNG,
         # so whether the probe capture came from the cache would change the dropout masks of training.
-        return EvalLoader(examples, batch_size=batch_size, shuffle=False,
-                          generator=torch.Generator().manual_seed(self.seed),
-                          collate_fn=OwnRandomStream(collate or self.collate, self.seed),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return EvalLoader(
+            examples,
+            batch_size=batch_size,
+            shuffle=False,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=OwnRandomStream(collate or self.collate, self.seed),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> ResumableLoader:
         replicas = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
-        sampler = EpochSampler(self.splits.train, self.seed, num_replicas=replicas.get("num_replicas", 1),
-                               rank=replicas.get("rank", 0))
-        return ResumableLoader(self.splits.train, batch_size=self.batch_size, sampler=sampler,
-                               generator=torch.Generator().manual_seed(self.seed), collate_fn=self.collate,
-                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        sampler = EpochSampler(
+            self.splits.train,
+            self.seed,
+            num_replicas=replicas.get("num_replicas", 1),
+            rank=replicas.get("rank", 0),
+        )
+        return ResumableLoader(
+            self.splits.train,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.splits.validation, self.eval_batch_size)

@@ -54,10 +54,16 @@ class Splits:
 
     def info(self) -> dict:
         """Provenance for results.json `run.data`: where each set came from and the sizes actually used."""
-        return {"name": self.name, "path": self.path, "subset": self.subset,
-                "splits": {role: self.split_names.get(role) for role in ("train", "validation", "probe")},
-                "n_train": len(self.train), "n_validation": len(self.validation), "n_probe": len(self.probe),
-                "label_names": list(self.label_names)}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "subset": self.subset,
+            "splits": {role: self.split_names.get(role) for role in ("train", "validation", "probe")},
+            "n_train": len(self.train),
+            "n_validation": len(self.validation),
+            "n_probe": len(self.probe),
+            "label_names": list(self.label_names),
+        }
 
 
 def _stable_order(examples: list[dict]) -> list[dict]:
@@ -71,20 +77,39 @@ def _check_sizes(n_probe: int, n_validation: int) -> None:
         raise UserError(f"data.n_validation={n_validation}: the validation set needs at least one example.")
 
 
-def _too_small(dataset: str, split: str, size: int, roles: list[tuple[str, int]], keeps_train: bool,
-               n_probe: int, n_validation: int, fix: str, filtered: bool) -> UserError:
+def _too_small(
+    dataset: str,
+    split: str,
+    size: int,
+    roles: list[tuple[str, int]],
+    keeps_train: bool,
+    n_probe: int,
+    n_validation: int,
+    fix: str,
+    filtered: bool,
+) -> UserError:
     wanted = " and ".join(f"the {role} set ({n})" for role, n in roles)
     if keeps_train:
         wanted += " plus at least one training example"
-    return UserError(f"Dataset {dataset}: split '{split}' has {size} examples"
-                     f"{' (after data.min_chars filtering)' if filtered else ''}, "
-                     f"too few for {wanted} (requested: measure.n_probe={n_probe}, "
-                     f"data.n_validation={n_validation}). {fix}")
+    return UserError(
+        f"Dataset {dataset}: split '{split}' has {size} examples"
+        f"{' (after data.min_chars filtering)' if filtered else ''}, "
+        f"too few for {wanted} (requested: measure.n_probe={n_probe}, "
+        f"data.n_validation={n_validation}). {fix}"
+    )
 
 
-def _draw(pools: dict[str, list[dict]], sources: dict[str, str], train_split: str, n_probe: int,
-          n_validation: int, dataset: str, fix: str, carve_hint: str = "", filtered: bool = True
-          ) -> tuple[list, list, list]:
+def _draw(
+    pools: dict[str, list[dict]],
+    sources: dict[str, str],
+    train_split: str,
+    n_probe: int,
+    n_validation: int,
+    dataset: str,
+    fix: str,
+    carve_hint: str = "",
+    filtered: bool = True,
+) -> tuple[list, list, list]:
     """Draw the probe and validation sets from their hash-ordered pools by the module's rule; returns
     (train, validation, probe). `sources` maps "probe"/"validation" to a split name (a key of `pools`);
     `carve_hint` is added to the fix when a split other than the train split is too small."""
@@ -95,30 +120,55 @@ def _draw(pools: dict[str, list[dict]], sources: dict[str, str], train_split: st
         roles = [(role, sizes[role]) for role in ("probe", "validation") if sources[role] == split]
         pool, keeps_train = pools[split], split == train_split
         if len(pool) < sum(n for _, n in roles) + keeps_train:
-            raise _too_small(dataset, split, len(pool), roles, keeps_train, n_probe, n_validation,
-                             fix + ("" if keeps_train else carve_hint) + ".", filtered)
+            raise _too_small(
+                dataset,
+                split,
+                len(pool),
+                roles,
+                keeps_train,
+                n_probe,
+                n_validation,
+                fix + ("" if keeps_train else carve_hint) + ".",
+                filtered,
+            )
         start = 0
         for role, n in roles:  # the probe first, then validation
-            drawn[role] = pool[start:start + n]
+            drawn[role] = pool[start : start + n]
             start += n
         remaining[split] = pool[start:]
     train = remaining[train_split]
-    held = {e["text"] for role in ("probe", "validation") if sources[role] == train_split for e in drawn[role]}
+    held = {
+        e["text"] for role in ("probe", "validation") if sources[role] == train_split for e in drawn[role]
+    }
     if held:
-        train = [e for e in train if e["text"] not in held]  # duplicates of a held-out text leave training too
+        train = [
+            e for e in train if e["text"] not in held
+        ]  # duplicates of a held-out text leave training too
     if not train:
-        raise UserError(f"Dataset {dataset}: no training examples are left in split '{train_split}' after "
-                        f"{'data.min_chars filtering and ' if filtered else ''}holding out the probe/validation "
-                        f"sets. {fix}.")
+        raise UserError(
+            f"Dataset {dataset}: no training examples are left in split '{train_split}' after "
+            f"{'data.min_chars filtering and ' if filtered else ''}holding out the probe/validation "
+            f"sets. {fix}."
+        )
     return train, drawn["validation"], drawn["probe"]
 
 
-def split_heldout(examples: list[dict], n_probe: int, n_validation: int, name: str) -> tuple[list, list, list]:
+def split_heldout(
+    examples: list[dict], n_probe: int, n_validation: int, name: str
+) -> tuple[list, list, list]:
     """One pool: probe first, then validation, then train, from the hash-ordered examples."""
     _check_sizes(n_probe, n_validation)
     sources = {"probe": BUILTIN_SPLIT, "validation": BUILTIN_SPLIT}
-    return _draw({BUILTIN_SPLIT: _stable_order(examples)}, sources, BUILTIN_SPLIT, n_probe, n_validation,
-                 f"'{name}'", "Lower measure.n_probe or data.n_validation", filtered=False)
+    return _draw(
+        {BUILTIN_SPLIT: _stable_order(examples)},
+        sources,
+        BUILTIN_SPLIT,
+        n_probe,
+        n_validation,
+        f"'{name}'",
+        "Lower measure.n_probe or data.n_validation",
+        filtered=False,
+    )
 
 
 def load_builtin(name: str, n_probe: int, n_validation: int) -> Splits:
@@ -132,8 +182,16 @@ def load_builtin(name: str, n_probe: int, n_validation: int) -> Splits:
     else:
         raise UserError(f"Unknown built-in dataset '{name}'. Built-in datasets: {', '.join(BUILTINS)}.")
     train, validation, probe = split_heldout(examples, n_probe, n_validation, name)
-    return Splits(train, validation, probe, label_names, name=name, path=f"builtin:{name}", subset=None,
-                  split_names=dict.fromkeys(("train", "validation", "probe"), BUILTIN_SPLIT))
+    return Splits(
+        train,
+        validation,
+        probe,
+        label_names,
+        name=name,
+        path=f"builtin:{name}",
+        subset=None,
+        split_names=dict.fromkeys(("train", "validation", "probe"), BUILTIN_SPLIT),
+    )
 
 
 def load_hub(cfg, n_probe: int, n_validation: int) -> Splits:
@@ -145,13 +203,18 @@ def load_hub(cfg, n_probe: int, n_validation: int) -> Splits:
     try:
         loaded = datasets.load_dataset(cfg.path, cfg.subset, data_files=_plain(cfg.data_files))
     except Exception as err:  # the datasets library raises many types for "not found / offline"
-        raise UserError(f"Could not load dataset path='{cfg.path}' subset='{cfg.subset}' "
-                        f"data_files={_plain(cfg.data_files)}: {err}. Offline, use a built-in dataset "
-                        f"(data=stdlib_docs or data=pydoc_topics) or local files (data.path=json "
-                        "data.data_files=...).") from err
+        raise UserError(
+            f"Could not load dataset path='{cfg.path}' subset='{cfg.subset}' "
+            f"data_files={_plain(cfg.data_files)}: {err}. Offline, use a built-in dataset "
+            f"(data=stdlib_docs or data=pydoc_topics) or local files (data.path=json "
+            "data.data_files=...)."
+        ) from err
     dataset = f"'{cfg.name}' ({cfg.path}{'/' + cfg.subset if cfg.subset else ''})"
-    sources = {"train": cfg.train_split, "probe": getattr(cfg, "probe_split", None) or cfg.heldout_split,
-               "validation": getattr(cfg, "validation_split", None) or cfg.heldout_split}
+    sources = {
+        "train": cfg.train_split,
+        "probe": getattr(cfg, "probe_split", None) or cfg.heldout_split,
+        "validation": getattr(cfg, "validation_split", None) or cfg.heldout_split,
+    }
     for role, split in sources.items():
         if split not in loaded:
             key = f"data.{role}_split" + ("" if role == "train" else " (default: data.heldout_split)")
@@ -161,8 +224,10 @@ def load_hub(cfg, n_probe: int, n_validation: int) -> Splits:
         columns = loaded[split].column_names
         for key, column in (("text_field", cfg.text_field), ("label_field", cfg.label_field)):
             if column and column not in columns:
-                raise UserError(f"Dataset {dataset} split '{split}' has no {key.split('_')[0]} field '{column}'; "
-                                f"columns: {columns}. Set data.{key}.")
+                raise UserError(
+                    f"Dataset {dataset} split '{split}' has no {key.split('_')[0]} field '{column}'; "
+                    f"columns: {columns}. Set data.{key}."
+                )
 
     def texts(split: str) -> tuple[list[str], list[int]]:
         """The kept texts of a split and their row indices (data.min_chars filtering)."""
@@ -184,14 +249,32 @@ def load_hub(cfg, n_probe: int, n_validation: int) -> Splits:
             labels = encode(split, rows)
             pools[split] = [{"text": t, "label": y} for t, y in zip(kept, labels, strict=True)]
         pools[split] = _stable_order(pools[split])
-    carve = (", or set data.probe_split=train (or data.validation_split=train) to carve that set out of the train "
-             f"split '{cfg.train_split}', held out from training")
-    train, validation, probe = _draw(pools, sources, cfg.train_split, n_probe, n_validation, dataset,
-                                     "Lower measure.n_probe or data.n_validation", carve)
+    carve = (
+        ", or set data.probe_split=train (or data.validation_split=train) to carve that set out of the train "
+        f"split '{cfg.train_split}', held out from training"
+    )
+    train, validation, probe = _draw(
+        pools,
+        sources,
+        cfg.train_split,
+        n_probe,
+        n_validation,
+        dataset,
+        "Lower measure.n_probe or data.n_validation",
+        carve,
+    )
     if cfg.max_train_examples:
         train = train[: cfg.max_train_examples]
-    return Splits(train, validation, probe, label_names, name=cfg.name, path=cfg.path, subset=cfg.subset,
-                  split_names=sources)
+    return Splits(
+        train,
+        validation,
+        probe,
+        label_names,
+        name=cfg.name,
+        path=cfg.path,
+        subset=cfg.subset,
+        split_names=sources,
+    )
 
 
 def _label_encoder(loaded, train_split: str, column: str, dataset: str):
@@ -205,13 +288,16 @@ def _label_encoder(loaded, train_split: str, column: str, dataset: str):
         feature = loaded[split].features[column]
         values = loaded[split].with_format("arrow")[column].to_pylist()
         if isinstance(feature, ClassLabel):
-            return [feature.names[v] if v is not None and 0 <= v < feature.num_classes else None
-                    for v in values], feature
+            return [
+                feature.names[v] if v is not None and 0 <= v < feature.num_classes else None for v in values
+            ], feature
         dtype = getattr(feature, "dtype", None)
         if dtype is None or dtype.startswith("float"):
-            raise UserError(f"Dataset {dataset} split '{split}': label field '{column}' is {feature}; "
-                            "classification needs a ClassLabel, integer, bool or string label. Set "
-                            "data.label_field (or null for an unlabelled text task).")
+            raise UserError(
+                f"Dataset {dataset} split '{split}': label field '{column}' is {feature}; "
+                "classification needs a ClassLabel, integer, bool or string label. Set "
+                "data.label_field (or null for an unlabelled text task)."
+            )
         return [None if v is None else str(v) for v in values], None
 
     train_keys, feature = keys(train_split)
@@ -230,14 +316,18 @@ def _label_encoder(loaded, train_split: str, column: str, dataset: str):
         labels = [cache[split][i] for i in rows]
         missing = sum(label is None for label in labels)
         if missing:
-            raise UserError(f"Dataset {dataset} split '{split}' has {missing} examples without a label in "
-                            f"'{column}' (null or -1, e.g. a test split); draw the probe/validation sets from a "
-                            "labelled split (data.probe_split, data.validation_split).")
+            raise UserError(
+                f"Dataset {dataset} split '{split}' has {missing} examples without a label in "
+                f"'{column}' (null or -1, e.g. a test split); draw the probe/validation sets from a "
+                "labelled split (data.probe_split, data.validation_split)."
+            )
         unknown = sorted(set(labels) - ids.keys())
         if unknown:
-            raise UserError(f"Dataset {dataset} split '{split}' has label(s) {unknown[:10]} that the train split "
-                            f"'{train_split}' does not have (its labels: {names[:20]}); the classes are the "
-                            "train split's labels. Use splits with the same label set.")
+            raise UserError(
+                f"Dataset {dataset} split '{split}' has label(s) {unknown[:10]} that the train split "
+                f"'{train_split}' does not have (its labels: {names[:20]}); the classes are the "
+                "train split's labels. Use splits with the same label set."
+            )
         return [ids[label] for label in labels]
 
     return names, encode
@@ -253,9 +343,11 @@ def load_splits(cfg, n_probe: int) -> Splits:
     if cfg.source == "builtin":
         for key in ("probe_split", "validation_split"):
             if getattr(cfg, key, None) not in (None, BUILTIN_SPLIT):
-                raise UserError(f"data.{key}={getattr(cfg, key)!r}: built-in dataset '{cfg.builtin}' is one pool "
-                                f"(split '{BUILTIN_SPLIT}') split internally; data.{key} applies to hub datasets. "
-                                f"Remove it or set it to null.")
+                raise UserError(
+                    f"data.{key}={getattr(cfg, key)!r}: built-in dataset '{cfg.builtin}' is one pool "
+                    f"(split '{BUILTIN_SPLIT}') split internally; data.{key} applies to hub datasets. "
+                    f"Remove it or set it to null."
+                )
         return load_builtin(cfg.builtin, n_probe, cfg.n_validation)
     if cfg.source == "hub":
         return load_hub(cfg, n_probe, cfg.n_validation)

@@ -28,8 +28,9 @@ def corpus_bpe_tokenizer() -> PreTrainedTokenizerFast:
         bpe = ByteLevelBPETokenizer()
         texts = [doc for _, doc in stdlib_docstrings()] + list(pydoc_paragraphs())
         bpe.train_from_iterator(texts, vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=[EOS])
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS,
-                                            unk_token=EOS, pad_token=EOS)
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS
+        )
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tokenizer.save_pretrained(tmp)
         if not path.exists():  # another process may have finished first; both results are identical

@@ -25,8 +25,14 @@ def word_class(word: str) -> int:
         return TAGS.index("punct")
     if _NUMBER_RE.fullmatch(word):
         return TAGS.index("number")
-    if ("_" in word or "." in word or word.endswith("()") or word in _PY_NAMES
-            or any(c.isupper() for c in word[1:]) or any(c.isdigit() for c in word)):
+    if (
+        "_" in word
+        or "." in word
+        or word.endswith("()")
+        or word in _PY_NAMES
+        or any(c.isupper() for c in word[1:])
+        or any(c.isdigit() for c in word)
+    ):
         return TAGS.index("identifier")
     return TAGS.index("capitalized") if word[0].isupper() else TAGS.index("word")
 

@@ -54,6 +54,7 @@ def block_hooks(blocks: nn.ModuleList, sink: list[torch.Tensor | None]):
     def make_hook(index: int):
         def hook(module, args, output):
             sink[index] = _hidden(output)
+
         return hook
 
     handles = [blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
@@ -90,8 +91,15 @@ def token_positions(mask: torch.Tensor, k: int, generator: torch.Generator) -> t
 
 
 @torch.no_grad()
-def capture(base: nn.Module, blocks: nn.ModuleList, batches: Iterable[dict], pooling: str = "mean",
-            k_tokens: int = 8, seed: int = 0, forward_context=nullcontext) -> list[torch.Tensor]:
+def capture(
+    base: nn.Module,
+    blocks: nn.ModuleList,
+    batches: Iterable[dict],
+    pooling: str = "mean",
+    k_tokens: int = 8,
+    seed: int = 0,
+    forward_context=nullcontext,
+) -> list[torch.Tensor]:
     """Pooled float32 features per layer, [L+1] tensors of [n, d] on CPU, for the probe batches.
 
     The forward runs on the model's device inside `forward_context()` (e.g. the trainer's autocast); hidden
@@ -101,9 +109,16 @@ def capture(base: nn.Module, blocks: nn.ModuleList, batches: Iterable[dict], poo
 
 
 @torch.no_grad()
-def capture_token_change(base: nn.Module, blocks: nn.ModuleList, batches: Iterable[dict],
-                         pretrained: dict[str, torch.Tensor], pooling: str = "mean", k_tokens: int = 8, seed: int = 0,
-                         forward_context=nullcontext) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+def capture_token_change(
+    base: nn.Module,
+    blocks: nn.ModuleList,
+    batches: Iterable[dict],
+    pretrained: dict[str, torch.Tensor],
+    pooling: str = "mean",
+    k_tokens: int = 8,
+    seed: int = 0,
+    forward_context=nullcontext,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """`capture`'s pooled features of the current weights, plus `cosine_tokens` sums against `pretrained`.
 
     pretrained: the base model's pretrained parameters by name (`locality.measure.weights.snapshot_parameters`
@@ -134,13 +149,23 @@ def pretrained_parameters(base: nn.Module, snapshot: dict[str, torch.Tensor]) ->
         elif ".lora_A." not in name:
             unknown.append(name)
     if unknown:
-        raise ValueError(f"no pretrained value for {len(unknown)} parameter(s) added after the snapshot, e.g. "
-                         f"{unknown[:3]}: cannot run the pretrained model for cosine_tokens")
+        raise ValueError(
+            f"no pretrained value for {len(unknown)} parameter(s) added after the snapshot, e.g. "
+            f"{unknown[:3]}: cannot run the pretrained model for cosine_tokens"
+        )
     return out
 
 
-def _capture(base: nn.Module, blocks: nn.ModuleList, batches: Iterable[dict], pooling: str, k_tokens: int, seed: int,
-             forward_context, pretrained: dict[str, torch.Tensor] | None = None):
+def _capture(
+    base: nn.Module,
+    blocks: nn.ModuleList,
+    batches: Iterable[dict],
+    pooling: str,
+    k_tokens: int,
+    seed: int,
+    forward_context,
+    pretrained: dict[str, torch.Tensor] | None = None,
+):
     device = next(base.parameters()).device
     was_training = base.training
     base.eval()
@@ -154,7 +179,11 @@ def _capture(base: nn.Module, blocks: nn.ModuleList, batches: Iterable[dict], po
         with block_hooks(blocks, sink):
             for batch in batches:
                 mask = batch["attention_mask"].to(device)
-                inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": mask, **no_cache(base)}
+                inputs = {
+                    "input_ids": batch["input_ids"].to(device),
+                    "attention_mask": mask,
+                    **no_cache(base),
+                }
                 with forward_context():
                     base(**inputs)
                 positions = token_positions(mask.cpu(), k_tokens, generator) if pooling == "tokens" else None
@@ -166,7 +195,9 @@ def _capture(base: nn.Module, blocks: nn.ModuleList, batches: Iterable[dict], po
                 post = list(sink)
                 with forward_context():
                     functional_call(base, reference, args=(), kwargs=inputs, strict=False)
-                per_layer = [token_cosine_sums(pre, after, mask) for pre, after in zip(sink, post, strict=True)]
+                per_layer = [
+                    token_cosine_sums(pre, after, mask) for pre, after in zip(sink, post, strict=True)
+                ]
                 sums.append(torch.stack(per_layer, dim=1).cpu())
                 counts.append(mask.bool().sum(1).cpu())
                 del post
@@ -186,7 +217,11 @@ def weights_fingerprint(module: nn.Module) -> str:
         for name, tensor in module.state_dict().items():
             flat = tensor.detach().reshape(-1)
             head = flat[:8].double().cpu().tolist() if flat.is_floating_point() else flat[:8].cpu().tolist()
-            stats = [flat.double().sum().item(), flat.double().abs().sum().item()] if flat.is_floating_point() else []
+            stats = (
+                [flat.double().sum().item(), flat.double().abs().sum().item()]
+                if flat.is_floating_point()
+                else []
+            )
             digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}{head}{stats}".encode())
     return digest.hexdigest()
 
@@ -209,9 +244,14 @@ def load_cached(path: Path, expected: tuple[int, int]) -> list[torch.Tensor] | N
     except Exception:  # noqa: BLE001 -- any unreadable file is a miss
         return None
     n_layers, n_probe = expected
-    if not (isinstance(features, list) and len(features) == n_layers
-            and all(isinstance(f, torch.Tensor) and f.ndim >= 2 and len(f) >= n_probe and f.isfinite().all()
-                    for f in features)):
+    if not (
+        isinstance(features, list)
+        and len(features) == n_layers
+        and all(
+            isinstance(f, torch.Tensor) and f.ndim >= 2 and len(f) >= n_probe and f.isfinite().all()
+            for f in features
+        )
+    ):
         return None
     return features
 

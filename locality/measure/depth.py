@@ -81,9 +81,15 @@ class DepthProfiler:
         return [layer / n for layer in range(n + 1)]
 
     def _capture(self, context=nullcontext) -> list[torch.Tensor]:
-        return capture(self.backbone.base, self.backbone.blocks, self.data.probe_dataloader(),
-                       pooling=self.cfg.pooling, k_tokens=self.cfg.token_positions, seed=self.seed,
-                       forward_context=context)
+        return capture(
+            self.backbone.base,
+            self.backbone.blocks,
+            self.data.probe_dataloader(),
+            pooling=self.cfg.pooling,
+            k_tokens=self.cfg.token_positions,
+            seed=self.seed,
+            forward_context=context,
+        )
 
     def _settings(self, trainer: L.Trainer | None) -> dict:
         """Everything besides weights and probe texts that the captured features depend on: how they are pooled,
@@ -91,18 +97,28 @@ class DepthProfiler:
         same weights), and the dtype and precision the capture runs in."""
         tok = self.backbone.tokenizer
         vocab = hashlib.sha1(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
-        return {"pooling": self.cfg.pooling, "k": self.cfg.token_positions, "seed": self.seed,
-                "tokenizer": tok.name_or_path, "vocab": vocab, "special": tok.special_tokens_map,
-                "padding_side": tok.padding_side, "max_length": self.data.max_length,
-                "model_config": self.backbone.model.config.to_diff_dict(),
-                "dtype": str(next(self.backbone.base.parameters()).dtype),
-                "precision": str(trainer.precision) if trainer is not None else None}
+        return {
+            "pooling": self.cfg.pooling,
+            "k": self.cfg.token_positions,
+            "seed": self.seed,
+            "tokenizer": tok.name_or_path,
+            "vocab": vocab,
+            "special": tok.special_tokens_map,
+            "padding_side": tok.padding_side,
+            "max_length": self.data.max_length,
+            "model_config": self.backbone.model.config.to_diff_dict(),
+            "dtype": str(next(self.backbone.base.parameters()).dtype),
+            "precision": str(trainer.precision) if trainer is not None else None,
+        }
 
     def before_training(self, module: L.LightningModule, trainer: L.Trainer | None = None) -> None:
         context = on_training_device(module, trainer)
         start = time.perf_counter()
-        key = capture_key(weights_fingerprint(self.backbone.base),
-                          [e["text"] for e in self.data.splits.probe], self._settings(trainer))
+        key = capture_key(
+            weights_fingerprint(self.backbone.base),
+            [e["text"] for e in self.data.splits.probe],
+            self._settings(trainer),
+        )
         path = cache_dir() / "captures" / f"{key}.pt"
         expected = (self.backbone.n_layers + 1, len(self.data.splits.probe))
         self.pre = load_cached(path, expected) if self.cfg.cache else None
@@ -118,8 +134,9 @@ class DepthProfiler:
         batches = [b for _, b in zip(range(self.cfg.init_batches), self.data.init_dataloader(), strict=False)]
         start = time.perf_counter()
         probe_train, probe_eval = self._probe_batches(module)
-        self.init = objective_distance(module, batches, forward_context=context, probe_train=probe_train,
-                                       probe_eval=probe_eval)
+        self.init = objective_distance(
+            module, batches, forward_context=context, probe_train=probe_train, probe_eval=probe_eval
+        )
         self.timings["init_s"] = time.perf_counter() - start
         grad = self.init["grad_rel"]
         self.init["grad_rel_slope"] = _slope_over_blocks(grad)
@@ -152,9 +169,15 @@ class DepthProfiler:
         if self.pretrained is not None:
             try:
                 post, token_sums, token_counts = capture_token_change(
-                    self.backbone.base, self.backbone.blocks, self.data.probe_dataloader(), self.pretrained,
-                    pooling=self.cfg.pooling, k_tokens=self.cfg.token_positions, seed=self.seed,
-                    forward_context=context)
+                    self.backbone.base,
+                    self.backbone.blocks,
+                    self.data.probe_dataloader(),
+                    self.pretrained,
+                    pooling=self.cfg.pooling,
+                    k_tokens=self.cfg.token_positions,
+                    seed=self.seed,
+                    forward_context=context,
+                )
             except ValueError as err:  # a control added parameters with no pretrained value
                 warnings.warn(f"cosine_tokens not measured: {err}", stacklevel=2)
             self.pretrained = None  # weight_rel's reference keeps only the blocks
@@ -165,37 +188,77 @@ class DepthProfiler:
         change_metrics = [m for m in self.cfg.metrics if m not in FEATURE_STATS]
         pooled = [m for m in change_metrics if m not in TOKEN_METRICS]
         n_rows, dim = self.pre[0].shape[0], max(f.shape[1] for f in self.pre)
-        plans = {m: interval_method(m, n_rows, dim, bootstrap=self.cfg.ci_method, plugin=self.cfg.plugin_ci)
-                 for m in change_metrics}
+        plans = {
+            m: interval_method(m, n_rows, dim, bootstrap=self.cfg.ci_method, plugin=self.cfg.plugin_ci)
+            for m in change_metrics
+        }
         bootstrapped = {m for m, (method, _) in plans.items() if method in ("basic", "percentile")}
-        changes = layer_changes(self.pre, post, metrics=pooled + list(FEATURE_STATS),
-                                n_boot=self.cfg.n_boot, seed=self.seed, groups=self.groups,
-                                n_boot_procrustes=self.cfg.n_boot_procrustes if "procrustes" in bootstrapped else 0)
+        changes = layer_changes(
+            self.pre,
+            post,
+            metrics=pooled + list(FEATURE_STATS),
+            n_boot=self.cfg.n_boot,
+            seed=self.seed,
+            groups=self.groups,
+            n_boot_procrustes=self.cfg.n_boot_procrustes if "procrustes" in bootstrapped else 0,
+        )
         if token_sums is not None:
-            changes["cosine_tokens"] = token_change(token_sums, token_counts, n_boot=self.cfg.n_boot, seed=self.seed)
+            changes["cosine_tokens"] = token_change(
+                token_sums, token_counts, n_boot=self.cfg.n_boot, seed=self.seed
+            )
         jackknifed = [m for m in pooled if plans[m][0] == "jackknife"]
-        leave_out = jackknife_changes(self.pre, post, jackknifed, n_groups=self.cfg.jackknife_groups, seed=self.seed,
-                                      groups=self.groups) if jackknifed else {}
+        leave_out = (
+            jackknife_changes(
+                self.pre,
+                post,
+                jackknifed,
+                n_groups=self.cfg.jackknife_groups,
+                seed=self.seed,
+                groups=self.groups,
+            )
+            if jackknifed
+            else {}
+        )
         notes = {m: note for m, (_, note) in plans.items() if note}
         if notes:
             warnings.warn(" | ".join(f"{m}: {note}" for m, note in notes.items()), stacklevel=2)
         change = {m: changes[m].values for m in change_metrics if m in changes}
-        profile = {m: profile_stats(self.depth, changes[m].values, changes[m].replicates, ci=self.cfg.ci,
-                                    method=plans[m][0], jackknife=leave_out.get(m), ci_note=plans[m][1],
-                                    width_threshold=self.cfg.width_threshold)
-                   for m in change}
+        profile = {
+            m: profile_stats(
+                self.depth,
+                changes[m].values,
+                changes[m].replicates,
+                ci=self.cfg.ci,
+                method=plans[m][0],
+                jackknife=leave_out.get(m),
+                ci_note=plans[m][1],
+                width_threshold=self.cfg.width_threshold,
+            )
+            for m in change
+        }
         rel = [None, *weight_rel(self.backbone.blocks, self.reference)]
         change["weight_rel"] = rel
-        profile["weight_rel"] = profile_stats(self.depth, rel, None, ci=self.cfg.ci, method=None,
-                                              width_threshold=self.cfg.width_threshold,
-                                              ci_note="no interval: one weight difference per block, nothing to "
-                                                      "resample")
+        profile["weight_rel"] = profile_stats(
+            self.depth,
+            rel,
+            None,
+            ci=self.cfg.ci,
+            method=None,
+            width_threshold=self.cfg.width_threshold,
+            ci_note="no interval: one weight difference per block, nothing to resample",
+        )
         self.timings["metrics_s"] = time.perf_counter() - start
-        result = {"depth": self.depth, "change": change, "profile": profile,
-                  "features": {m: changes[m].values for m in FEATURE_STATS}}
+        result = {
+            "depth": self.depth,
+            "change": change,
+            "profile": profile,
+            "features": {m: changes[m].values for m in FEATURE_STATS},
+        }
         if self.cfg.cross_layer:
-            result["cross_layer"] = {"pretrained": cka_matrix(self.pre).tolist(),
-                                     "finetuned": cka_matrix(post).tolist()}
+            result["cross_layer"] = {
+                "pretrained": cka_matrix(self.pre).tolist(),
+                "finetuned": cka_matrix(post).tolist(),
+            }
         if self.history:
             result["dynamics"] = self.history
         return result
@@ -218,8 +281,14 @@ class _Dynamics(L.Callback):
         self.last_step = step
         post = self.profiler._capture(trainer.precision_plugin.forward_context)
         metrics = [m for m in self.profiler.cfg.metrics if m in ("cosine", "cka_linear", "cka_debiased")]
-        changes = layer_changes(self.profiler.pre, post, metrics=metrics, n_boot=0, seed=self.profiler.seed,
-                                groups=self.profiler.groups)
+        changes = layer_changes(
+            self.profiler.pre,
+            post,
+            metrics=metrics,
+            n_boot=0,
+            seed=self.profiler.seed,
+            groups=self.profiler.groups,
+        )
         entry = {"step": step, **{m: changes[m].values for m in metrics}}
         entry["slope"] = {m: ols_slope(self.profiler.depth, changes[m].values) for m in metrics}
         self.profiler.history.append(entry)

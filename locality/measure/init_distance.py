@@ -37,8 +37,13 @@ LM_HEADS = ("causal_lm", "masked_lm")
 PROBE_L2 = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # ridge grid for the probe, chosen by 2-fold CV on its training set
 
 
-def objective_distance(module, batches: list[dict], forward_context=nullcontext, probe_train: list[dict] | None = None,
-                       probe_eval: list[dict] | None = None) -> dict:
+def objective_distance(
+    module,
+    batches: list[dict],
+    forward_context=nullcontext,
+    probe_train: list[dict] | None = None,
+    probe_eval: list[dict] | None = None,
+) -> dict:
     """{"loss", "<metric>"..., "kl", "kl_norm", "kl_source", "kl_n", "grad_rel": [per block]} at the
     module's current weights; grads are cleared after.
 
@@ -62,8 +67,9 @@ def objective_distance(module, batches: list[dict], forward_context=nullcontext,
             total += float(out.loss.detach())
             metrics.update(out.preds, out.target)
             if lm:
-                batch_nll, batch_scored = target_nll(logits[-1], out.target,
-                                                     shift=module.objective.head_kind == "causal_lm")
+                batch_nll, batch_scored = target_nll(
+                    logits[-1], out.target, shift=module.objective.head_kind == "causal_lm"
+                )
                 nll, scored, n_classes = nll + batch_nll, scored + batch_scored, logits[-1].shape[-1]
         result = {"loss": total / len(batches), **{k: float(v) for k, v in metrics.compute().items()}}
         result["grad_rel"] = [_grad_rel(block) for block in module.blocks]
@@ -91,13 +97,17 @@ def target_nll(logits: torch.Tensor, target: torch.Tensor, shift: bool = False) 
     rows, labels = keep.nonzero(as_tuple=True), target[keep]
     total = 0.0
     for start in range(0, labels.numel(), 1024):  # [1024, K] float32 at a time, not [n_scored, K]
-        chunk = tuple(r[start:start + 1024] for r in rows)
+        chunk = tuple(r[start : start + 1024] for r in rows)
         picked = logits[chunk].float()
-        total += float(torch.nn.functional.cross_entropy(picked, labels[start:start + 1024], reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(picked, labels[start : start + 1024], reduction="sum")
+        )
     return total, int(labels.numel())
 
 
-def probe_kl(module, train_batches: list[dict], eval_batches: list[dict], forward_context=nullcontext) -> dict:
+def probe_kl(
+    module, train_batches: list[dict], eval_batches: list[dict], forward_context=nullcontext
+) -> dict:
     """KL(onehot || linear probe) on held-out examples, the probe fitted on frozen head-input features."""
     X, y, groups = head_features(module, train_batches, forward_context)
     X_eval, y_eval, _ = head_features(module, eval_batches, forward_context)
@@ -105,8 +115,11 @@ def probe_kl(module, train_batches: list[dict], eval_batches: list[dict], forwar
     probe = fit_linear_probe(X, y, K, groups=groups, device=module.device)
     X_eval, y_eval = X_eval.to(probe.weight.device), y_eval.to(probe.weight.device)
     nll = float(torch.nn.functional.cross_entropy(probe(X_eval), y_eval, reduction="mean"))
-    return {**_kl(nll, K, "linear_probe", int(y_eval.numel())), "kl_probe_l2": probe.l2,
-            "kl_probe_train_n": int(y.numel())}
+    return {
+        **_kl(nll, K, "linear_probe", int(y_eval.numel())),
+        "kl_probe_l2": probe.l2,
+        "kl_probe_train_n": int(y.numel()),
+    }
 
 
 @torch.no_grad()
@@ -141,16 +154,24 @@ def head_features(module, batches: list[dict], forward_context=nullcontext) -> t
 class LinearProbe:
     """A fitted multinomial logistic regression on standardized features: probe(X) -> logits [m, K]."""
 
-    def __init__(self, mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, l2: float):
+    def __init__(
+        self, mean: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, l2: float
+    ):
         self.mean, self.scale, self.weight, self.bias, self.l2 = mean, scale, weight, bias, l2
 
     def __call__(self, X: torch.Tensor) -> torch.Tensor:
         return ((X.double() - self.mean) / self.scale) @ self.weight + self.bias
 
 
-def fit_linear_probe(X: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float | None = None,
-                     groups: torch.Tensor | None = None, max_iter: int = 300,
-                     device: str | torch.device = "cpu") -> LinearProbe:
+def fit_linear_probe(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    l2: float | None = None,
+    groups: torch.Tensor | None = None,
+    max_iter: int = 300,
+    device: str | torch.device = "cpu",
+) -> LinearProbe:
     """Multinomial logistic regression, float64 L-BFGS (deterministic), on features standardized with the
     training mean and std. Minimises mean cross-entropy + l2/2 ||W||^2 (bias not penalised). l2=None picks
     it from PROBE_L2 by 2-fold cross-validation over `groups` (e.g. the example each token belongs to;
@@ -164,16 +185,26 @@ def fit_linear_probe(X: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float
         return _fit(X, y, n_classes, l2, groups, max_iter)
 
 
-def _fit(X: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float | None, groups: torch.Tensor | None,
-         max_iter: int) -> LinearProbe:
+def _fit(
+    X: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    l2: float | None,
+    groups: torch.Tensor | None,
+    max_iter: int,
+) -> LinearProbe:
     mean, scale = X.mean(0), X.std(0, unbiased=False)
-    scale = torch.where(scale > 1e-9 * scale.max().clamp(min=1e-300), scale, torch.ones_like(scale))  # constant: 0
+    scale = torch.where(
+        scale > 1e-9 * scale.max().clamp(min=1e-300), scale, torch.ones_like(scale)
+    )  # constant: 0
     Z = (X - mean) / scale
     if l2 is None:
         units = torch.arange(len(y)) if groups is None else torch.unique(groups.cpu(), return_inverse=True)[1]
         n_units = int(units.max()) + 1
         half = torch.randperm(n_units, generator=torch.Generator().manual_seed(0))[: n_units // 2]
-        fold = torch.zeros(n_units, dtype=torch.long).index_fill_(0, half, 1)[units].to(y.device)  # seeded halves
+        fold = (
+            torch.zeros(n_units, dtype=torch.long).index_fill_(0, half, 1)[units].to(y.device)
+        )  # seeded halves
         cv = {}
         for k in (0, 1):
             train, held = fold != k, fold == k
@@ -183,19 +214,34 @@ def _fit(X: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float | None, gro
             for lam in sorted(PROBE_L2, reverse=True):
                 W = _lbfgs(Z[train], y[train], n_classes, lam, max_iter, W)
                 logits = Z[held] @ W[:-1] + W[-1]
-                cv[lam] = cv.get(lam, 0.0) + float(torch.nn.functional.cross_entropy(logits, y[held], reduction="sum"))
+                cv[lam] = cv.get(lam, 0.0) + float(
+                    torch.nn.functional.cross_entropy(logits, y[held], reduction="sum")
+                )
         l2 = min(cv, key=cv.get) if cv else PROBE_L2[len(PROBE_L2) // 2]
     W = _lbfgs(Z, y, n_classes, l2, max_iter)
     return LinearProbe(mean, scale, W[:-1], W[-1], l2)
 
 
-def _lbfgs(Z: torch.Tensor, y: torch.Tensor, n_classes: int, l2: float, max_iter: int,
-           start: torch.Tensor | None = None) -> torch.Tensor:
+def _lbfgs(
+    Z: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    l2: float,
+    max_iter: int,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[d+1, K] weights (last row = bias) minimising mean CE + l2/2 ||W[:-1]||^2."""
     W = start.clone() if start is not None else Z.new_zeros(Z.shape[1] + 1, n_classes)
     W.requires_grad_(True)
-    opt = torch.optim.LBFGS([W], lr=1, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
-                            tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [W],
+        lr=1,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()

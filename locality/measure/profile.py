@@ -75,7 +75,9 @@ def slope_per_layer(values: Values) -> float:
     return ols_slope(np.arange(len(values), dtype=np.float64), values)
 
 
-def steepness(depth: Values, values: Values, floor: float = STEEPNESS_FLOOR, blocks_only: bool = True) -> float:
+def steepness(
+    depth: Values, values: Values, floor: float = STEEPNESS_FLOOR, blocks_only: bool = True
+) -> float:
     """OLS slope of ln(max(c_l, floor * max c)) against depth over blocks 1..L: e-folds per unit depth.
 
     blocks_only=False also fits layer 0 (the embedding output), as before; its near-zero change made the
@@ -137,8 +139,9 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def jackknife_interval(depth: Values, values: Values, leave_out: np.ndarray,
-                       ci: float = 0.95) -> tuple[list[float] | None, float]:
+def jackknife_interval(
+    depth: Values, values: Values, leave_out: np.ndarray, ci: float = 0.95
+) -> tuple[list[float] | None, float]:
     """Delete-a-group jackknife of the slope: ([lo, hi] or None, bias-corrected slope).
 
     leave_out: [G, L+1] the profile recomputed without each of G groups of probe sequences
@@ -158,8 +161,9 @@ def jackknife_interval(depth: Values, values: Values, leave_out: np.ndarray,
     return [center - half, center + half], center
 
 
-def interval_method(metric: str, n_rows: int, dim: int, bootstrap: str = "basic",
-                    plugin: str = "jackknife") -> tuple[str | None, str | None]:
+def interval_method(
+    metric: str, n_rows: int, dim: int, bootstrap: str = "basic", plugin: str = "jackknife"
+) -> tuple[str | None, str | None]:
     """How to give `metric`'s slope an interval, as (method or None, note or None).
 
     Plug-in metrics (cka_linear, procrustes) with plugin="jackknife": "jackknife" when d <= n/4, else no
@@ -169,9 +173,11 @@ def interval_method(metric: str, n_rows: int, dim: int, bootstrap: str = "basic"
     if metric not in PLUGIN_METRICS or plugin == "bootstrap":
         return bootstrap, None
     if dim > n_rows / 4:
-        return None, (f"no interval: {metric} is a plug-in statistic, biased as the feature dimension d nears the "
-                      f"probe rows n, and d={dim} > n/4={n_rows / 4:g} here, where resampling intervals undercover "
-                      f"(bench/ci_coverage.py); use cka_debiased or cosine, or >= {4 * dim} probe rows")
+        return None, (
+            f"no interval: {metric} is a plug-in statistic, biased as the feature dimension d nears the "
+            f"probe rows n, and d={dim} > n/4={n_rows / 4:g} here, where resampling intervals undercover "
+            f"(bench/ci_coverage.py); use cka_debiased or cosine, or >= {4 * dim} probe rows"
+        )
     return "jackknife", None
 
 
@@ -194,9 +200,17 @@ def replicate_slopes(depth: Values, values: Values, replicates: np.ndarray) -> n
     return (R - R.mean(axis=1, keepdims=True)) @ xc / float(xc @ xc)
 
 
-def profile_stats(depth: Values, values: Values, replicates: np.ndarray | None = None,
-                  ci: float = 0.95, method: str | None = "percentile", *, jackknife: np.ndarray | None = None,
-                  width_threshold: float = WIDTH_THRESHOLD, ci_note: str | None = None) -> dict:
+def profile_stats(
+    depth: Values,
+    values: Values,
+    replicates: np.ndarray | None = None,
+    ci: float = 0.95,
+    method: str | None = "percentile",
+    *,
+    jackknife: np.ndarray | None = None,
+    width_threshold: float = WIDTH_THRESHOLD,
+    ci_note: str | None = None,
+) -> dict:
     """Every statistic of one profile, as plain floats (see the module docstring for definitions):
 
     {"slope", "slope_ci": [lo, hi] or None, "slope_per_layer", "steepness", "width", "width_count",
@@ -223,21 +237,34 @@ def profile_stats(depth: Values, values: Values, replicates: np.ndarray | None =
         if slopes.size:
             lo, hi = np.percentile(slopes, [50 * (1 - ci), 50 * (1 + ci)])
             slope_ci = [float(lo), float(hi)] if method == "percentile" else [2 * slope - hi, 2 * slope - lo]
-    return {"slope": slope, "slope_ci": slope_ci, "slope_per_layer": slope_per_layer(values),
-            "steepness": steepness(depth, values), "width": width(values),
-            "width_count": width_count(values, width_threshold), "width_threshold": width_threshold,
-            "slope_jackknife": slope_jackknife,
-            "ci_method": method if slope_ci is not None else None, "ci_level": ci,
-            "ci_note": ci_note if slope_ci is None else None}
+    return {
+        "slope": slope,
+        "slope_ci": slope_ci,
+        "slope_per_layer": slope_per_layer(values),
+        "steepness": steepness(depth, values),
+        "width": width(values),
+        "width_count": width_count(values, width_threshold),
+        "width_threshold": width_threshold,
+        "slope_jackknife": slope_jackknife,
+        "ci_method": method if slope_ci is not None else None,
+        "ci_level": ci,
+        "ci_note": ci_note if slope_ci is None else None,
+    }
 
 
-def profiles(depth: Values, changes: Mapping[str, Values | tuple], ci: float = 0.95,
-             method: str = "percentile", width_threshold: float = WIDTH_THRESHOLD) -> dict[str, dict]:
+def profiles(
+    depth: Values,
+    changes: Mapping[str, Values | tuple],
+    ci: float = 0.95,
+    method: str = "percentile",
+    width_threshold: float = WIDTH_THRESHOLD,
+) -> dict[str, dict]:
     """`profile_stats` for every metric of a dict: values alone, or (values, replicates) such as
     the `LayerChange` tuples returned by `layer_changes` and `token_change`."""
     out = {}
     for metric, change in changes.items():
         values, replicates = change if isinstance(change, tuple) else (change, None)
-        out[metric] = profile_stats(depth, values, replicates, ci=ci, method=method,
-                                    width_threshold=width_threshold)
+        out[metric] = profile_stats(
+            depth, values, replicates, ci=ci, method=method, width_threshold=width_threshold
+        )
     return out

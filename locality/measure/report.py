@@ -29,16 +29,21 @@ def format_profile(results: dict) -> str:
     grad = [None, *results["init"].get("grad_rel", [])]
     metrics = [m for m in TABLE_METRICS if m in change]
     head = f"{'layer':>5} {'depth':>6} " + " ".join(f"{m[:13]:>13}" for m in metrics) + f" {'grad@0':>10}"
-    lines = [f"Depth profile of {results['run']['name']} "
-             f"({results['run']['n_layers']} blocks; change of the probe set's representations, pre vs post)",
-             head, "-" * len(head)]
+    lines = [
+        f"Depth profile of {results['run']['name']} "
+        f"({results['run']['n_layers']} blocks; change of the probe set's representations, pre vs post)",
+        head,
+        "-" * len(head),
+    ]
     for layer, d in enumerate(depth):
         cells = " ".join(f"{_fmt(change[m][layer]):>13}" for m in metrics)
         grad_cell = "-" if grad[layer] is None else f"{grad[layer]:.3e}"
         lines.append(f"{layer:>5} {d:6.3f} {cells} {grad_cell:>10}")
     lines.append("")
-    lines.append(f"{'metric':<14} {'slope':>9}  {_level(results) + ' CI':>21} {'method':>9} {'per layer':>10} "
-                 f"{'steepness':>10} {'width':>6} {'count':>5}")
+    lines.append(
+        f"{'metric':<14} {'slope':>9}  {_level(results) + ' CI':>21} {'method':>9} {'per layer':>10} "
+        f"{'steepness':>10} {'width':>6} {'count':>5}"
+    )
     notes = {}
     for metric, stats in results["profile"].items():
         ci = stats.get("slope_ci")
@@ -47,24 +52,34 @@ def format_profile(results: dict) -> str:
             notes[metric] = stats["ci_note"]
         width = stats.get("width")
         count = stats.get("width_count")
-        lines.append(f"{metric:<14} {_signed(stats['slope'], 9)}  {ci_text:>21} {stats.get('ci_method') or '-':>9} "
-                     f"{_signed(stats.get('slope_per_layer'), 10)} {_fmt(stats['steepness']):>10} "
-                     f"{'-' if width is None else f'{width:.2f}':>6} {'-' if count is None else count:>5}")
+        lines.append(
+            f"{metric:<14} {_signed(stats['slope'], 9)}  {ci_text:>21} {stats.get('ci_method') or '-':>9} "
+            f"{_signed(stats.get('slope_per_layer'), 10)} {_fmt(stats['steepness']):>10} "
+            f"{'-' if width is None else f'{width:.2f}':>6} {'-' if count is None else count:>5}"
+        )
     thresholds = {stats.get("width_threshold") for stats in results["profile"].values()} - {None}
-    lines.append("slope: vs depth l/L; per layer: vs l; steepness: log-linear rate over blocks 1..L; width: "
-                 "fraction of layers >= half the max; count: layers above the width threshold"
-                 + (f" ({'/'.join(f'{t:g}' for t in sorted(thresholds))})" if thresholds else ""))
+    lines.append(
+        "slope: vs depth l/L; per layer: vs l; steepness: log-linear rate over blocks 1..L; width: "
+        "fraction of layers >= half the max; count: layers above the width threshold"
+        + (f" ({'/'.join(f'{t:g}' for t in sorted(thresholds))})" if thresholds else "")
+    )
     for metric, note in notes.items():
         lines.append(f"{metric}: {note}")
     init, final = results["init"], results["final"]
     grad_slope = init.get("grad_rel_slope")
     lines.append("")
-    lines.append(f"step 0: loss {init['loss']:.4f}" + (f", acc {init['acc']:.4f}" if "acc" in init else "")
-                 + (f", KL {init['kl']:.4f} nats (normalized {init['kl_norm']:.4f}, {init.get('kl_source')})"
-                    if init.get("kl") is not None and init.get("kl_norm") is not None else "")
-                 + (f", gradient-profile slope {grad_slope:+.3e}" if grad_slope is not None else "")
-                 + "   |   final: " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
-                                                  if isinstance(v, float)))
+    lines.append(
+        f"step 0: loss {init['loss']:.4f}"
+        + (f", acc {init['acc']:.4f}" if "acc" in init else "")
+        + (
+            f", KL {init['kl']:.4f} nats (normalized {init['kl_norm']:.4f}, {init.get('kl_source')})"
+            if init.get("kl") is not None and init.get("kl_norm") is not None
+            else ""
+        )
+        + (f", gradient-profile slope {grad_slope:+.3e}" if grad_slope is not None else "")
+        + "   |   final: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
+    )
     return "\n".join(lines)
 
 
@@ -97,12 +112,18 @@ def log_profile(loggers: list[Logger], results: dict, step: int) -> None:
 def _log_wandb_profile(logger: WandbLogger, results: dict) -> None:
     import wandb
 
-    rows = [[layer, results["depth"][layer], metric, values[layer]]
-            for metric, values in results["change"].items()
-            for layer in range(len(values)) if values[layer] is not None]
+    rows = [
+        [layer, results["depth"][layer], metric, values[layer]]
+        for metric, values in results["change"].items()
+        for layer in range(len(values))
+        if values[layer] is not None
+    ]
     table = wandb.Table(columns=["layer", "depth", "metric", "change"], data=rows)
-    logger.experiment.log({
-        "profile/table": table,
-        "profile/plot": wandb.plot.line(table, "depth", "change", stroke="metric",
-                                        title="Depth profile of representational change"),
-    })
+    logger.experiment.log(
+        {
+            "profile/table": table,
+            "profile/plot": wandb.plot.line(
+                table, "depth", "change", stroke="metric", title="Depth profile of representational change"
+            ),
+        }
+    )

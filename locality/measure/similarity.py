@@ -30,7 +30,9 @@ Features = torch.Tensor | np.ndarray
 CHANGE_METRICS = ("cosine", "cka_linear", "cka_debiased", "procrustes", "euclidean")
 FEATURE_METRICS = ("dot", "norm_ratio")  # Ren et al. 2023 feature statistics, not oriented as change
 METRICS = CHANGE_METRICS + FEATURE_METRICS  # what `layer_changes` computes from pooled features
-TOKEN_METRICS = ("cosine_tokens",)  # from per-token states during capture (`token_change`), not pooled features
+TOKEN_METRICS = (
+    "cosine_tokens",
+)  # from per-token states during capture (`token_change`), not pooled features
 MEASURE_METRICS = METRICS + TOKEN_METRICS  # every name `measure.metrics` accepts
 PLUGIN_METRICS = ("cka_linear", "procrustes")  # plug-in statistics biased by O(d/n): jackknife intervals
 _ROWWISE = ("cosine", "euclidean", "dot", "norm_ratio")
@@ -40,6 +42,7 @@ _LAYER_MEMORY = 4 * 2**30  # bytes of float64 [n, n] work matrices that parallel
 
 
 # ----------------------------------------------------------------------------------------- input handling
+
 
 def _f64(x: Features, name: str) -> torch.Tensor:
     t = x.detach() if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
@@ -51,11 +54,15 @@ def _f64(x: Features, name: str) -> torch.Tensor:
 def _pair(X: Features, Y: Features, min_rows: int = 1, same_shape: bool = False) -> tuple[torch.Tensor, ...]:
     X, Y = _f64(X, "X"), _f64(Y, "Y")
     if X.shape[0] != Y.shape[0]:
-        raise ValueError(f"X and Y must have the same number of rows (paired examples): got {X.shape[0]} and "
-                         f"{Y.shape[0]}. Capture both with the same probe set, in the same order.")
+        raise ValueError(
+            f"X and Y must have the same number of rows (paired examples): got {X.shape[0]} and "
+            f"{Y.shape[0]}. Capture both with the same probe set, in the same order."
+        )
     if same_shape and X.shape != Y.shape:
-        raise ValueError(f"X and Y must have the same shape for a row-wise metric: got {tuple(X.shape)} and "
-                         f"{tuple(Y.shape)}")
+        raise ValueError(
+            f"X and Y must have the same shape for a row-wise metric: got {tuple(X.shape)} and "
+            f"{tuple(Y.shape)}"
+        )
     if X.shape[0] < min_rows:
         raise ValueError(f"this metric needs at least {min_rows} examples (rows), got {X.shape[0]}")
     return X, Y.to(X.device)
@@ -72,6 +79,7 @@ def _ratio(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor) -> torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------- linear CKA
+
 
 def _debiased_dot(xty: torch.Tensor, rows_x: torch.Tensor, rows_y: torch.Tensor, n: int) -> torch.Tensor:
     """Unbiased HSIC (Song et al. 2012), times n(n-3), from feature-space terms of centered features.
@@ -125,8 +133,9 @@ def linear_cka(X: Features, Y: Features, debiased: bool = False) -> float:
     return float(_ratio(gx @ gy, gx @ gx, gy @ gy))
 
 
-def cka_matrix(feats_a: Sequence[Features], feats_b: Sequence[Features] | None = None,
-               debiased: bool = False) -> torch.Tensor:
+def cka_matrix(
+    feats_a: Sequence[Features], feats_b: Sequence[Features] | None = None, debiased: bool = False
+) -> torch.Tensor:
     """[La, Lb] linear CKA between every pair of layers (Phang et al. 2021), float64 on the CPU.
 
     With feats_b None the matrix is within one model: symmetric, diagonal 1. All layers need the same
@@ -161,6 +170,7 @@ def cka_matrix(feats_a: Sequence[Features], feats_b: Sequence[Features] | None =
 
 
 # ------------------------------------------------------------------------------ row-wise feature metrics
+
 
 def _rowwise(metric: str, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """Per-example values [n] of a row-wise metric; NaN where undefined (norm_ratio of a zero row)."""
@@ -205,6 +215,7 @@ def norm_ratio(X: Features, Y: Features) -> float:
 
 # ------------------------------------------------------------------------------- orthogonal Procrustes
 
+
 def _row_space_factor(X: torch.Tensor) -> torch.Tensor:
     """An [n, min(n, p)] matrix with the same Gram matrix and row pairing as X [n, p].
 
@@ -233,6 +244,7 @@ def procrustes_distance(X: Features, Y: Features) -> float:
 
 # ------------------------------------------------------------------------------- bootstrap machinery
 
+
 class LayerChange(NamedTuple):
     """One metric's depth profile: point values per layer and bootstrap replicates [n_boot, L+1]."""
 
@@ -256,7 +268,9 @@ def jackknife_groups(n_units: int, n_groups: int, seed: int) -> torch.Tensor:
     """Group id 0..G-1 of every unit, G = min(n_groups, n_units): a seeded shuffle dealt round-robin, so
     group sizes differ by at most one and no group follows the probe set's order."""
     if n_groups < 2 or n_units < 2:
-        raise ValueError(f"a jackknife needs at least 2 groups of at least 2 units, got {n_groups} and {n_units}")
+        raise ValueError(
+            f"a jackknife needs at least 2 groups of at least 2 units, got {n_groups} and {n_units}"
+        )
     order = torch.randperm(n_units, generator=torch.Generator().manual_seed(seed))
     group = torch.empty(n_units, dtype=torch.long)
     group[order] = torch.arange(n_units) % min(n_groups, n_units)
@@ -338,8 +352,11 @@ def _cka_replicates(K: torch.Tensor, L: torch.Tensor, r: _Resample) -> tuple[tor
     def hsic_u(q, dd, Ua, Ub, ta, tb):
         return q - c2 @ dd + ta * tb / ((n - 1) * (n - 2)) - 2 / (n - 2) * (c * Ua * Ub).sum(1)
 
-    debiased = _ratio(hsic_u(qKL, dK * dL, Ut, Vt, tK, tL), hsic_u(qKK, dK * dK, Ut, Ut, tK, tK),
-                      hsic_u(qLL, dL * dL, Vt, Vt, tL, tL))
+    debiased = _ratio(
+        hsic_u(qKL, dK * dL, Ut, Vt, tK, tL),
+        hsic_u(qKK, dK * dK, Ut, Ut, tK, tK),
+        hsic_u(qLL, dL * dL, Vt, Vt, tL, tL),
+    )
     return biased, debiased
 
 
@@ -349,8 +366,9 @@ def _nuclear_from_gram(S: torch.Tensor) -> torch.Tensor:
     return torch.where(lam > S.shape[0] * _EPS * lam.max(), lam, 0.0).sqrt().sum()
 
 
-def _procrustes_replicates(X: torch.Tensor, Y: torch.Tensor, K: torch.Tensor, L: torch.Tensor, rows: torch.Tensor,
-                           n: torch.Tensor) -> torch.Tensor:
+def _procrustes_replicates(
+    X: torch.Tensor, Y: torch.Tensor, K: torch.Tensor, L: torch.Tensor, rows: torch.Tensor, n: torch.Tensor
+) -> torch.Tensor:
     """Procrustes distance of every replicate (rows = counts per original row), exactly, one at a time.
 
     The resample is the m distinct drawn rows with weights c (D = diag(sqrt c)); re-centering is the
@@ -376,8 +394,11 @@ def _procrustes_replicates(X: torch.Tensor, Y: torch.Tensor, K: torch.Tensor, L:
             if info == 0:
                 H = L[drawn][:, drawn] * root[:, None] * root[None, :]
                 Hr = H @ root
-                H = H - (Hr[:, None] * root[None, :] + root[:, None] * Hr[None, :]) / n[b] \
+                H = (
+                    H
+                    - (Hr[:, None] * root[None, :] + root[:, None] * Hr[None, :]) / n[b]
                     + (root @ Hr) * root[:, None] * root[None, :] / n[b] ** 2
+                )
                 nuclear[b] = _nuclear_from_gram(F.T @ H @ F)
                 continue
         M = (X[drawn].T * c) @ Y[drawn] - torch.outer(sx[b], sy[b]) / n[b]
@@ -387,10 +408,17 @@ def _procrustes_replicates(X: torch.Tensor, Y: torch.Tensor, K: torch.Tensor, L:
     return torch.where(ok, dist.clamp(0, 2), torch.nan)
 
 
-def layer_changes(pre: Sequence[Features], post: Sequence[Features], metrics: Sequence[str] = CHANGE_METRICS,
-                  n_boot: int = 1000, seed: int = 0, *, groups: Sequence[int] | torch.Tensor | None = None,
-                  n_boot_procrustes: int | None = 50,
-                  device: str | torch.device | None = None) -> dict[str, LayerChange]:
+def layer_changes(
+    pre: Sequence[Features],
+    post: Sequence[Features],
+    metrics: Sequence[str] = CHANGE_METRICS,
+    n_boot: int = 1000,
+    seed: int = 0,
+    *,
+    groups: Sequence[int] | torch.Tensor | None = None,
+    n_boot_procrustes: int | None = 50,
+    device: str | torch.device | None = None,
+) -> dict[str, LayerChange]:
     """Per-layer change between features before (`pre`) and after (`post`) fine-tuning, with a bootstrap.
 
     pre, post: L+1 matrices [n, d_l] (layer 0 = embeddings), rows = the same probe examples in the same
@@ -441,9 +469,16 @@ def layer_changes(pre: Sequence[Features], post: Sequence[Features], metrics: Se
     return _per_layer(pre, post, metrics, unit_of_row, resample, n_proc, device)
 
 
-def jackknife_changes(pre: Sequence[Features], post: Sequence[Features], metrics: Sequence[str] = PLUGIN_METRICS,
-                      n_groups: int = 32, seed: int = 0, *, groups: Sequence[int] | torch.Tensor | None = None,
-                      device: str | torch.device | None = None) -> dict[str, np.ndarray]:
+def jackknife_changes(
+    pre: Sequence[Features],
+    post: Sequence[Features],
+    metrics: Sequence[str] = PLUGIN_METRICS,
+    n_groups: int = 32,
+    seed: int = 0,
+    *,
+    groups: Sequence[int] | torch.Tensor | None = None,
+    device: str | torch.device | None = None,
+) -> dict[str, np.ndarray]:
     """Leave-one-group-out change values for a delete-a-group jackknife: {metric: [G, L+1] ndarray}.
 
     Units (probe examples, or the `groups` of rows as in `layer_changes`) are dealt into G =
@@ -475,8 +510,10 @@ def token_change(sums: Features, counts: Features, n_boot: int = 1000, seed: int
     c = torch.as_tensor(np.asarray(counts) if not isinstance(counts, torch.Tensor) else counts)
     c = c.detach().reshape(-1).to("cpu", torch.float64)
     if c.numel() != S.shape[0]:
-        raise ValueError(f"counts must give one token count per sequence (row of sums): got {c.numel()} for "
-                         f"{S.shape[0]} sequences")
+        raise ValueError(
+            f"counts must give one token count per sequence (row of sums): got {c.numel()} for "
+            f"{S.shape[0]} sequences"
+        )
     if n_boot < 0:
         raise ValueError("n_boot must be >= 0")
     total = c.sum()
@@ -499,29 +536,47 @@ def token_cosine_sums(pre: torch.Tensor, post: torch.Tensor, mask: torch.Tensor)
     return torch.zeros(pre.shape[0], dtype=torch.float64, device=pre.device).index_add_(0, rows, dist)
 
 
-def _prepare(pre: Sequence[Features], post: Sequence[Features], metrics: Sequence[str],
-             groups: Sequence[int] | torch.Tensor | None,
-             device: str | torch.device | None) -> tuple[torch.Tensor, str | torch.device]:
+def _prepare(
+    pre: Sequence[Features],
+    post: Sequence[Features],
+    metrics: Sequence[str],
+    groups: Sequence[int] | torch.Tensor | None,
+    device: str | torch.device | None,
+) -> tuple[torch.Tensor, str | torch.device]:
     """Validate paired layers and metrics; return each row's resampling unit and the compute device."""
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
-        hint = (" (cosine_tokens needs per-token states: `token_change` on the sums of `capture_token_change`)"
-                if set(unknown) & set(TOKEN_METRICS) else "")
+        hint = (
+            " (cosine_tokens needs per-token states: `token_change` on the sums of `capture_token_change`)"
+            if set(unknown) & set(TOKEN_METRICS)
+            else ""
+        )
         raise ValueError(f"unknown metric(s) {unknown}; valid metrics: {', '.join(METRICS)}{hint}")
     if len(pre) != len(post) or not pre:
-        raise ValueError(f"pre and post must hold the same number (>= 1) of layers, got {len(pre)} and {len(post)}")
+        raise ValueError(
+            f"pre and post must hold the same number (>= 1) of layers, got {len(pre)} and {len(post)}"
+        )
     n = pre[0].shape[0]
     for layer, (x, y) in enumerate(zip(pre, post, strict=True)):
         if x.shape[0] != n or y.shape[0] != n:
-            raise ValueError(f"layer {layer} has {x.shape[0]} (pre) and {y.shape[0]} (post) rows but layer 0 has "
-                             f"{n}: every layer needs the same probe examples")
+            raise ValueError(
+                f"layer {layer} has {x.shape[0]} (pre) and {y.shape[0]} (post) rows but layer 0 has "
+                f"{n}: every layer needs the same probe examples"
+            )
     if device is None:
         device = pre[0].device if isinstance(pre[0], torch.Tensor) else "cpu"
     return _units(groups, n), device
 
 
-def _per_layer(pre: Sequence[Features], post: Sequence[Features], metrics: Sequence[str], unit_of_row: torch.Tensor,
-               resample: _Resample, n_proc: int, device: str | torch.device) -> dict[str, LayerChange]:
+def _per_layer(
+    pre: Sequence[Features],
+    post: Sequence[Features],
+    metrics: Sequence[str],
+    unit_of_row: torch.Tensor,
+    resample: _Resample,
+    n_proc: int,
+    device: str | torch.device,
+) -> dict[str, LayerChange]:
     """Point values and `resample` replicates of every metric, layers in parallel threads."""
     n_units = int(unit_of_row.max()) + 1
     n = unit_of_row.numel()
@@ -536,13 +591,23 @@ def _per_layer(pre: Sequence[Features], post: Sequence[Features], metrics: Seque
         workers = max(1, min(threads, len(layers), _LAYER_MEMORY // (10 * 8 * n * n)))  # ~10 [n, n] per layer
         with ThreadPoolExecutor(workers) as pool:
             per_layer = list(pool.map(one_layer, layers))
-    return {m: LayerChange([layer[m][0] for layer in per_layer],
-                           torch.stack([layer[m][1] for layer in per_layer], dim=1).cpu().numpy())
-            for m in metrics}
+    return {
+        m: LayerChange(
+            [layer[m][0] for layer in per_layer],
+            torch.stack([layer[m][1] for layer in per_layer], dim=1).cpu().numpy(),
+        )
+        for m in metrics
+    }
 
 
-def _layer_change(X: torch.Tensor, Y: torch.Tensor, metrics: Sequence[str], full: _Resample, resample: _Resample,
-                  n_proc: int) -> dict[str, tuple[float, torch.Tensor]]:
+def _layer_change(
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    metrics: Sequence[str],
+    full: _Resample,
+    resample: _Resample,
+    n_proc: int,
+) -> dict[str, tuple[float, torch.Tensor]]:
     """{metric: (point value, replicates [n_boot])} of one layer; change metrics oriented as change.
 
     Point CKA values come from the replicate formulas applied to the full probe set (`full`), which equal
@@ -563,8 +628,10 @@ def _layer_change(X: torch.Tensor, Y: torch.Tensor, metrics: Sequence[str], full
             if m in metrics:
                 out[m] = 1 - float(point[i][0]), 1 - replicates[i]
     if "procrustes" in metrics:
-        out["procrustes"] = procrustes_distance(X, Y), _procrustes_replicates(
-            X, Y, K, L, resample.rows[:n_proc], resample.n[:n_proc])
+        out["procrustes"] = (
+            procrustes_distance(X, Y),
+            _procrustes_replicates(X, Y, K, L, resample.rows[:n_proc], resample.n[:n_proc]),
+        )
     return out
 
 

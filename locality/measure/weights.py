@@ -8,17 +8,24 @@ from torch import nn
 
 def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
     """The block's effective weights by name. LoRA layers (peft) count merged: W + scale * B @ A."""
-    state = {name.replace(".base_layer", ""): p.detach() for name, p in block.named_parameters() if "lora_" not in name}
+    state = {
+        name.replace(".base_layer", ""): p.detach()
+        for name, p in block.named_parameters()
+        if "lora_" not in name
+    }
     for name, module in block.named_modules():
         if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    state[f"{name}.weight"] = state[f"{name}.weight"] + module.get_delta_weight(adapter).detach()
+                    state[f"{name}.weight"] = (
+                        state[f"{name}.weight"] + module.get_delta_weight(adapter).detach()
+                    )
     return state
 
 
-def snapshot_blocks(blocks: nn.ModuleList, base: nn.Module | None = None,
-                    snapshot: dict[str, torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+def snapshot_blocks(
+    blocks: nn.ModuleList, base: nn.Module | None = None, snapshot: dict[str, torch.Tensor] | None = None
+) -> list[dict[str, torch.Tensor]]:
     """A CPU float32 copy of every block's effective weights (the pretrained reference).
 
     With `snapshot` (`snapshot_parameters(base)`, taken at the same weights), the blocks' tensors are read
@@ -27,10 +34,15 @@ def snapshot_blocks(blocks: nn.ModuleList, base: nn.Module | None = None,
     if snapshot is not None and base is not None:
         prefix = {id(m): f"{name}." for name, m in base.named_modules()}
         states = [block_state(b) for b in blocks]
-        if all(f"{prefix.get(id(b), '?')}{k}" in snapshot for b, state in zip(blocks, states, strict=True)
-               for k in state):
-            return [{k: snapshot[f"{prefix[id(b)]}{k}"].float() for k in state}
-                    for b, state in zip(blocks, states, strict=True)]
+        if all(
+            f"{prefix.get(id(b), '?')}{k}" in snapshot
+            for b, state in zip(blocks, states, strict=True)
+            for k in state
+        ):
+            return [
+                {k: snapshot[f"{prefix[id(b)]}{k}"].float() for k in state}
+                for b, state in zip(blocks, states, strict=True)
+            ]
     return [{k: v.to("cpu", torch.float32, copy=True) for k, v in block_state(b).items()} for b in blocks]
 
 

@@ -9,8 +9,9 @@ from locality.objectives.cls import SequenceClassification
 from locality.objectives.mlm import MaskedLM
 from locality.objectives.tok import TokenClassification
 
-OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (CausalLM, MaskedLM, SequenceClassification,
-                                                                TokenClassification)}
+OBJECTIVES: dict[str, type[Objective]] = {
+    o.name: o for o in (CausalLM, MaskedLM, SequenceClassification, TokenClassification)
+}
 
 
 def objective_class(name: str, family: str | None = None) -> type[Objective]:
@@ -22,7 +23,9 @@ def objective_class(name: str, family: str | None = None) -> type[Objective]:
     try:
         return OBJECTIVES[name]
     except KeyError:
-        raise UserError(f"Unknown objective '{name}'. Objectives: {', '.join([*OBJECTIVES, 'native'])}.") from None
+        raise UserError(
+            f"Unknown objective '{name}'. Objectives: {', '.join([*OBJECTIVES, 'native'])}."
+        ) from None
 
 
 __all__ = ["OBJECTIVES", "Objective", "StepOutput", "objective_class"]

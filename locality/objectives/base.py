@@ -60,14 +60,18 @@ class Objective(nn.Module):
         raise NotImplementedError
 
     def metrics(self) -> torchmetrics.MetricCollection:
-        return torchmetrics.MetricCollection({
-            "acc": torchmetrics.classification.MulticlassAccuracy(self.num_classes, average="micro",
-                                                                  ignore_index=IGNORE),
-        })
+        return torchmetrics.MetricCollection(
+            {
+                "acc": torchmetrics.classification.MulticlassAccuracy(
+                    self.num_classes, average="micro", ignore_index=IGNORE
+                ),
+            }
+        )
 
     def tokenize(self, texts: list[str], **kwargs) -> dict[str, torch.Tensor]:
-        return self.tokenizer(texts, truncation=True, max_length=self.max_length, padding=True,
-                              return_tensors="pt", **kwargs)
+        return self.tokenizer(
+            texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt", **kwargs
+        )
 
 
 class LanguageModeling(Objective):

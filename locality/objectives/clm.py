@@ -16,8 +16,10 @@ class CausalLM(LanguageModeling):
     @classmethod
     def check_family(cls, family: str, config) -> None:
         if family == "encoder":
-            raise UserError(f"objective=clm needs a causal model, but this {config.model_type} model is a "
-                            "bidirectional encoder. Use objective=mlm, cls or tok with encoders.")
+            raise UserError(
+                f"objective=clm needs a causal model, but this {config.model_type} model is a "
+                "bidirectional encoder. Use objective=mlm, cls or tok with encoders."
+            )
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.tokenize([e["text"] for e in examples])
@@ -25,7 +27,11 @@ class CausalLM(LanguageModeling):
         return batch
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    **no_cache(model))
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            **no_cache(model),
+        )
         preds = out.logits[:, :-1].argmax(dim=-1)
         return StepOutput(out.loss, preds, batch["labels"][:, 1:])

@@ -25,13 +25,17 @@ class SequenceClassification(Objective):
         super().__init__(backbone, splits, cfg)
         self.pooling = FAMILY_POOLING[backbone.family] if cfg.pooling == "auto" else cfg.pooling
         self.n_labels = splits.num_labels
-        self.head = nn.Sequential(nn.Dropout(cfg.head_dropout), nn.Linear(backbone.hidden_size, self.n_labels))
+        self.head = nn.Sequential(
+            nn.Dropout(cfg.head_dropout), nn.Linear(backbone.hidden_size, self.n_labels)
+        )
 
     @classmethod
     def check(cls, backbone: Backbone, splits: Splits) -> None:
         if splits.num_labels < 2:
-            raise UserError("objective=cls needs a labelled dataset (data.label_field), e.g. data=stdlib_docs or "
-                            "data=sst2; this dataset has no labels. Use objective=clm/mlm on unlabelled text.")
+            raise UserError(
+                "objective=cls needs a labelled dataset (data.label_field), e.g. data=stdlib_docs or "
+                "data=sst2; this dataset has no labels. Use objective=clm/mlm on unlabelled text."
+            )
 
     @property
     def num_classes(self) -> int:
@@ -43,8 +47,9 @@ class SequenceClassification(Objective):
         return batch
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  **no_cache(model))[0]
+        hidden = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache(model)
+        )[0]
         pooled = pool(hidden, batch["attention_mask"], self.pooling)
         logits = self.head(pooled.to(self.head[-1].weight.dtype))  # a bf16 backbone feeds a float32 head
         loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
@@ -52,5 +57,7 @@ class SequenceClassification(Objective):
 
     def metrics(self) -> torchmetrics.MetricCollection:
         collection = super().metrics()
-        collection.add_metrics({"f1": torchmetrics.classification.MulticlassF1Score(self.n_labels, average="macro")})
+        collection.add_metrics(
+            {"f1": torchmetrics.classification.MulticlassF1Score(self.n_labels, average="macro")}
+        )
         return collection

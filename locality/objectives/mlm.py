@@ -23,18 +23,24 @@ class MaskedLM(LanguageModeling):
     @classmethod
     def check_family(cls, family: str, config) -> None:
         if family != "encoder":
-            raise UserError(f"objective=mlm needs a bidirectional encoder, but this {config.model_type} model is a "
-                            f"{family} model. Use objective=clm (its native objective), cls or tok.")
+            raise UserError(
+                f"objective=mlm needs a bidirectional encoder, but this {config.model_type} model is a "
+                f"{family} model. Use objective=clm (its native objective), cls or tok."
+            )
 
     @classmethod
     def check(cls, backbone: Backbone, splits: Splits) -> None:
         if backbone.tokenizer.mask_token is None:
-            raise UserError(f"objective=mlm needs a mask token, but the tokenizer of '{backbone.name}' has none.")
+            raise UserError(
+                f"objective=mlm needs a mask token, but the tokenizer of '{backbone.name}' has none."
+            )
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = self.tokenize([e["text"] for e in examples], return_special_tokens_mask=True)
         return self.masker.torch_call([{k: v[i] for k, v in batch.items()} for i in range(len(examples))])
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
         return StepOutput(out.loss, out.logits.argmax(dim=-1), batch["labels"])

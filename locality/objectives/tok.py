@@ -28,7 +28,9 @@ class TokenClassification(Objective):
     @classmethod
     def check(cls, backbone: Backbone, splits: Splits) -> None:
         if not backbone.tokenizer.is_fast:
-            raise UserError(f"objective=tok needs a fast tokenizer (offsets), but '{backbone.name}' has a slow one.")
+            raise UserError(
+                f"objective=tok needs a fast tokenizer (offsets), but '{backbone.name}' has a slow one."
+            )
 
     @property
     def num_classes(self) -> int:
@@ -53,9 +55,11 @@ class TokenClassification(Objective):
         return batch
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  **no_cache(model))[0]
+        hidden = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache(model)
+        )[0]
         logits = self.head(hidden.to(self.head[-1].weight.dtype))  # a bf16 backbone feeds a float32 head
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                           ignore_index=IGNORE)
+        loss = nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE
+        )
         return StepOutput(loss, logits.argmax(dim=-1), batch["labels"])

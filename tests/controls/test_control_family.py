@@ -100,7 +100,8 @@ def test_llrd_scales_learning_rates_by_depth():
     assert {lr_of[id(p)] for p in backbone.parts()["embeddings"].parameters()} == {0.5**4}
     assert {lr_of[id(p)] for p in objective.head.parameters()} == {1.0}
     assert sum(len(g["params"]) for g in groups) == sum(1 for p in module.parameters() if p.requires_grad)
-    assert torch.optim.AdamW(groups)  # a valid optimizer spec
+    optimizer = torch.optim.AdamW(groups)  # a valid optimizer spec that keeps every group's own rate
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [0.5**k for k in range(4, -1, -1)]
 
 
 def _logged(run_dir) -> pd.DataFrame:
@@ -112,8 +113,14 @@ def _logged(run_dir) -> pd.DataFrame:
 
 @pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_mamba"])
 def test_equal_step_logs_equal_ratios_at_every_step_and_standard_does_not(train, tmp_path, model):
-    common = [f"model={model}", "objective=clm", "logger=csv", "trainer.max_steps=5", "trainer.log_every_n_steps=1",
-              *MOVE[1:]]
+    common = [
+        f"model={model}",
+        "objective=clm",
+        "logger=csv",
+        "trainer.max_steps=5",
+        "trainer.log_every_n_steps=1",
+        *MOVE[1:],
+    ]
     controlled = train(*common, "control=equal_step")
     train(*common, "control=standard")
     runs = {p.name.split("-")[2]: p for p in (tmp_path / "runs").iterdir()}
@@ -130,6 +137,7 @@ def test_equal_step_logs_equal_ratios_at_every_step_and_standard_does_not(train,
     assert "equal_step" in controlled["controls"]
     assert 1 <= controlled["controls"]["equal_step"]["spread_after_max"] < 1 + 1e-5  # re-measured, every step
     n_layers = controlled["run"]["n_layers"]
-    for run in (controlled, train(*common, "control=standard")):  # the first updates' ratios, before any control
-        assert len(run["init"]["update_rel"]) == 5 and {len(s) for s in run["init"]["update_rel"]} == {n_layers}
-        assert run["init"]["update_rel_slope"] is not None
+    for run in (controlled, train(*common, "control=standard")):  # the first updates' ratios, before control
+        first = run["init"]["update_rel"]  # the steps that moved: warmup's first step (lr = 0) does not
+        assert 4 <= len(first) <= 5 and {len(step) for step in first} == {n_layers}
+        assert all(max(step) > 0 for step in first) and run["init"]["update_rel_slope"] is not None

@@ -423,9 +423,13 @@ def test_after_ratios_are_re_measured_from_the_stored_weights() -> None:
         x = torch.randn(4, 6, dtype=dtype)
         old = [[p.detach().double().clone() for p in ps] for ps in layers]
         _core_step(core, model, opt, x)
-        stored = torch.tensor([
-            sum(((p.detach().double() - o) ** 2).sum() for p, o in zip(ps, os_, strict=True)).sqrt()
-            / sum((o**2).sum() for o in os_).sqrt() for ps, os_ in zip(layers, old, strict=True)])
+        stored = torch.tensor(
+            [
+                sum(((p.detach().double() - o) ** 2).sum() for p, o in zip(ps, os_, strict=True)).sqrt()
+                / sum((o**2).sum() for o in os_).sqrt()
+                for ps, os_ in zip(layers, old, strict=True)
+            ]
+        )
         moved = core.ratio_after > 0
         torch.testing.assert_close(core.ratio_after[moved].double(), stored[moved], rtol=1e-2, atol=0)
         spreads_by_dtype[dtype] = (core.ratio_after[moved].max() / core.ratio_after[moved].min()).item()
@@ -483,9 +487,16 @@ def test_unscaled_decay_equalizes_the_gradient_part_and_applies_decay_as_adamw()
     _core_step(core, model, opt, torch.randn(4, 6))
     moved = [i for i, name in enumerate(names) if name != "block_02"]
     # W_final = (W_old + s ΔW_grad)(1 - lr wd): undo the decay, and the gradient parts have equal ratios
-    grad_part = torch.tensor([
-        sum(((p.detach().double() / (1 - lr * wd) - o) ** 2).sum() for p, o in zip(layers[i], old[i], strict=True)).sqrt()
-        / sum((o**2).sum() for o in old[i]).sqrt() for i in moved])
+    grad_part = torch.tensor(
+        [
+            sum(
+                ((p.detach().double() / (1 - lr * wd) - o) ** 2).sum()
+                for p, o in zip(layers[i], old[i], strict=True)
+            ).sqrt()
+            / sum((o**2).sum() for o in old[i]).sqrt()
+            for i in moved
+        ]
+    )
     assert grad_part.max() / grad_part.min() < 1 + 1e-4
     torch.testing.assert_close(grad_part, core.ratio_after[moved].double(), rtol=1e-3, atol=0)
     with pytest.raises(ValueError, match="AdamW"):
@@ -520,10 +531,19 @@ class MergedWeightTracker(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         from locality.measure.weights import block_state
 
-        self.ratios.append([
-            (sum(((after[k] - v) ** 2).sum() for k, v in before.items()) / sum((v**2).sum() for v in before.values()))
-            .sqrt().item() for before, after in zip(self._before, (block_state(b) for b in pl_module.blocks),
-                                                    strict=True)])
+        self.ratios.append(
+            [
+                (
+                    sum(((after[k] - v) ** 2).sum() for k, v in before.items())
+                    / sum((v**2).sum() for v in before.values())
+                )
+                .sqrt()
+                .item()
+                for before, after in zip(
+                    self._before, (block_state(b) for b in pl_module.blocks), strict=True
+                )
+            ]
+        )
 
 
 def test_lora_runs_log_the_ratios_of_the_merged_weights_and_equal_step_refuses_them() -> None:

@@ -45,6 +45,7 @@ def _spec(preset: str) -> ModelConf:
     spec.init = "random"
     return ModelConf(**spec)
 
+
 # ----------------------------------------------------------------------------------------- cosine_tokens
 
 
@@ -61,8 +62,14 @@ def gpt2_pair():
     return backbone, snapshot, pretrained
 
 
-TEXTS = ["a b", "one short text here", "and a second, much longer text with many words in it, to pad the rest",
-         "x", "def f(x): return x + 1", "import os"]
+TEXTS = [
+    "a b",
+    "one short text here",
+    "and a second, much longer text with many words in it, to pad the rest",
+    "x",
+    "def f(x): return x + 1",
+    "import os",
+]
 
 
 def _token_states(model, blocks, tokenizer, text):
@@ -77,11 +84,15 @@ def test_cosine_tokens_equals_brute_force_per_token_on_right_padded_batches(gpt2
     backbone, snapshot, pretrained = gpt2_pair
     tok = backbone.tokenizer
     assert tok.padding_side == "right"
-    batches = [dict(tok(TEXTS[:3], padding=True, return_tensors="pt")),  # different lengths, right-padded
-               dict(tok(TEXTS[3:], padding=True, return_tensors="pt"))]
+    batches = [
+        dict(tok(TEXTS[:3], padding=True, return_tensors="pt")),  # different lengths, right-padded
+        dict(tok(TEXTS[3:], padding=True, return_tensors="pt")),
+    ]
     assert (batches[0]["attention_mask"] == 0).any() and (batches[1]["attention_mask"] == 0).any()
     before = {k: v.clone() for k, v in backbone.base.state_dict().items()}
-    pooled, sums, counts = capture_token_change(backbone.base, backbone.blocks, batches, snapshot, pooling="mean")
+    pooled, sums, counts = capture_token_change(
+        backbone.base, backbone.blocks, batches, snapshot, pooling="mean"
+    )
     # the pooled features are capture()'s, and the fine-tuned weights are untouched by the pretrained pass
     for a, b in zip(pooled, capture(backbone.base, backbone.blocks, batches, pooling="mean"), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -93,8 +104,12 @@ def test_cosine_tokens_equals_brute_force_per_token_on_right_padded_batches(gpt2
     for text in TEXTS:
         pre = _token_states(pretrained, pretrained.h, tok, text)
         post = _token_states(backbone.base, backbone.blocks, tok, text)
-        per_seq.append([float((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).sum())
-                        for a, b in zip(pre, post, strict=True)])
+        per_seq.append(
+            [
+                float((1 - torch.nn.functional.cosine_similarity(a, b, dim=-1)).sum())
+                for a, b in zip(pre, post, strict=True)
+            ]
+        )
         lengths.append(pre[0].shape[0])
     per_seq = np.asarray(per_seq)
     assert counts.tolist() == lengths
@@ -163,13 +178,20 @@ def test_cosine_tokens_replicates_line_up_with_the_other_metrics():
     pre = [torch.randn(30, 6, generator=g, dtype=torch.float64) for _ in range(3)]
     post = [x + 0.3 * torch.randn(30, 6, generator=g, dtype=torch.float64) for x in pre]
     pooled = layer_changes(pre, post, metrics=["cosine"], n_boot=20, seed=5)
-    per_example = torch.stack([1 - torch.nn.functional.cosine_similarity(x, y, dim=1)
-                               for x, y in zip(pre, post, strict=True)], 1)
+    per_example = torch.stack(
+        [1 - torch.nn.functional.cosine_similarity(x, y, dim=1) for x, y in zip(pre, post, strict=True)], 1
+    )
     tokens = token_change(per_example, torch.ones(30), n_boot=20, seed=5)
     np.testing.assert_allclose(tokens.replicates, pooled["cosine"].replicates, atol=1e-12)
     # token pooling groups rows by sequence: its units are the same 30 sequences, so the same draws
-    grouped = layer_changes([x.repeat_interleave(2, 0) for x in pre], [y.repeat_interleave(2, 0) for y in post],
-                            metrics=["cosine"], n_boot=20, seed=5, groups=torch.arange(30).repeat_interleave(2))
+    grouped = layer_changes(
+        [x.repeat_interleave(2, 0) for x in pre],
+        [y.repeat_interleave(2, 0) for y in post],
+        metrics=["cosine"],
+        n_boot=20,
+        seed=5,
+        groups=torch.arange(30).repeat_interleave(2),
+    )
     np.testing.assert_allclose(tokens.replicates, grouped["cosine"].replicates, atol=1e-12)
 
 
@@ -217,8 +239,13 @@ def test_steepness_over_blocks_is_insensitive_to_the_floor_when_layer_zero_barel
 
 
 def test_t_quantile_against_tabulated_values():
-    for p, df, expected in ((0.975, 1, 12.7062047), (0.975, 19, 2.0930241), (0.975, 31, 2.0395134),
-                            (0.95, 5, 2.0150484), (0.995, 49, 2.6799524)):
+    for p, df, expected in (
+        (0.975, 1, 12.7062047),
+        (0.975, 19, 2.0930241),
+        (0.975, 31, 2.0395134),
+        (0.95, 5, 2.0150484),
+        (0.995, 49, 2.6799524),
+    ):
         assert t_quantile(p, df) == pytest.approx(expected, abs=1e-6)
     assert t_quantile(0.025, 19) == pytest.approx(-2.0930241, abs=1e-6)
 
@@ -246,22 +273,31 @@ def test_jackknife_interval_by_hand():
 def test_jackknife_changes_equal_recomputing_without_each_group():
     g = torch.Generator().manual_seed(8)
     pre = [torch.randn(40, 5, generator=g, dtype=torch.float64) for _ in range(2)]
-    post = [x @ torch.randn(5, 5, generator=g, dtype=torch.float64) + 0.5 * torch.randn(40, 5, generator=g,
-                                                                                       dtype=torch.float64)
-            for x in pre]
+    post = [
+        x @ torch.randn(5, 5, generator=g, dtype=torch.float64)
+        + 0.5 * torch.randn(40, 5, generator=g, dtype=torch.float64)
+        for x in pre
+    ]
     out = jackknife_changes(pre, post, ["cka_linear", "procrustes", "cosine"], n_groups=8, seed=2)
     group = jackknife_groups(40, 8, 2)
     assert sorted(torch.bincount(group).tolist()) == [5] * 8
-    for metric, fn in (("cka_linear", lambda a, b: 1 - linear_cka(a, b)), ("procrustes", procrustes_distance)):
+    for metric, fn in (
+        ("cka_linear", lambda a, b: 1 - linear_cka(a, b)),
+        ("procrustes", procrustes_distance),
+    ):
         assert out[metric].shape == (8, 2)
         for k in range(8):
             keep = group != k
             for layer in range(2):
-                assert out[metric][k, layer] == pytest.approx(fn(pre[layer][keep], post[layer][keep]), abs=1e-10)
+                assert out[metric][k, layer] == pytest.approx(
+                    fn(pre[layer][keep], post[layer][keep]), abs=1e-10
+                )
     grouped = jackknife_changes(pre, post, ["cka_linear"], n_groups=4, seed=2, groups=torch.arange(40) // 2)
     pairs = jackknife_groups(20, 4, 2)
     keep = pairs.repeat_interleave(2) != 0  # whole groups of rows (e.g. a sequence's tokens) leave together
-    assert grouped["cka_linear"][0, 1] == pytest.approx(1 - linear_cka(pre[1][keep], post[1][keep]), abs=1e-10)
+    assert grouped["cka_linear"][0, 1] == pytest.approx(
+        1 - linear_cka(pre[1][keep], post[1][keep]), abs=1e-10
+    )
 
 
 def test_jackknife_interval_covers_the_large_n_slope_of_a_plugin_metric():
@@ -271,11 +307,16 @@ def test_jackknife_interval_covers_the_large_n_slope_of_a_plugin_metric():
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, 6, generator=g, dtype=torch.float64)
         pre = [x] * 4
-        post = [x + (0.3 + 0.4 * layer) * torch.randn(n, 6, generator=g, dtype=torch.float64) for layer in range(4)]
+        post = [
+            x + (0.3 + 0.4 * layer) * torch.randn(n, 6, generator=g, dtype=torch.float64)
+            for layer in range(4)
+        ]
         return pre, post
 
     depth = [0, 1 / 3, 2 / 3, 1]
-    truth = profile_stats(depth, [1 - linear_cka(x, y) for x, y in zip(*sample(40000, 0), strict=True)])["slope"]
+    truth = profile_stats(depth, [1 - linear_cka(x, y) for x, y in zip(*sample(40000, 0), strict=True)])[
+        "slope"
+    ]
     covered = 0
     for seed in range(1, 9):
         pre, post = sample(120, seed)
@@ -356,7 +397,7 @@ def test_lm_kl_is_the_cross_entropy_of_the_pretrained_head(splits):
 
 def test_new_head_kl_is_a_linear_probe_on_held_out_examples(splits):
     module, objective = _module("tiny_gpt2", "cls", splits)
-    train = [objective.collate(splits.train[i:i + 16]) for i in range(0, 64, 16)]
+    train = [objective.collate(splits.train[i : i + 16]) for i in range(0, 64, 16)]
     held = [objective.collate(splits.validation)]
     r = objective_distance(module, train[:1], probe_train=train, probe_eval=held)
     assert r["kl_source"] == "linear_probe" and r["kl_n"] == len(splits.validation)
@@ -373,8 +414,15 @@ def test_a_run_reports_the_paper_definitions(train):
 
     # tiny GPT-2: d = 64; token pooling gives 128 probe sequences x 4 rows = 512 rows >= 4d, so the plug-in
     # metrics get a jackknife over groups of whole sequences
-    r = train("model=tiny_gpt2", "model.init=random", "objective=cls", "measure.n_probe=128", "measure.ci=0.9",
-              "measure.pooling=tokens", "measure.token_positions=4")
+    r = train(
+        "model=tiny_gpt2",
+        "model.init=random",
+        "objective=cls",
+        "measure.n_probe=128",
+        "measure.ci=0.9",
+        "measure.pooling=tokens",
+        "measure.token_positions=4",
+    )
     n = r["run"]["n_layers"]
     assert list(r["change"])[:2] == ["cosine", "cosine_tokens"] and len(r["change"]["cosine_tokens"]) == n + 1
     assert all(v >= 0 for v in r["change"]["cosine_tokens"])
@@ -386,15 +434,23 @@ def test_a_run_reports_the_paper_definitions(train):
         assert stats["ci_method"] == "jackknife" and stats["slope_ci"] is not None
         assert math.isfinite(stats["slope_jackknife"])
     assert r["profile"]["cka_debiased"]["ci_method"] == "basic"
-    assert r["profile"]["weight_rel"]["slope_ci"] is None and r["profile"]["weight_rel"]["width_count"] >= 0
+    weight = r["profile"]["weight_rel"]
+    threshold = weight["width_threshold"]
+    assert weight["slope_ci"] is None
+    assert weight["width_count"] == sum(v > threshold for v in r["change"]["weight_rel"] if v is not None)
     assert r["init"]["kl_source"] == "linear_probe" and r["init"]["kl"] > 0
     labels = len(r["run"]["data"]["label_names"])
     assert r["init"]["kl_norm"] == pytest.approx(r["init"]["kl"] / math.log(labels), rel=1e-12)
     text = format_profile(r)
     assert "cosine_tokens" in text and "90% CI" in text and "95%" not in text and "jackknife" in text
 
-    small = train("model=tiny_gpt2", "model.init=random", "objective=clm", "measure.n_probe=64")  # d = 64 > 64/4: no interval
+    small = train(
+        "model=tiny_gpt2", "model.init=random", "objective=clm", "measure.n_probe=64"
+    )  # d = 64 > 64/4: no interval
     for metric in ("cka_linear", "procrustes"):
-        assert small["profile"][metric]["slope_ci"] is None and "d=64 > n/4=16" in small["profile"][metric]["ci_note"]
+        assert (
+            small["profile"][metric]["slope_ci"] is None
+            and "d=64 > n/4=16" in small["profile"][metric]["ci_note"]
+        )
     assert small["init"]["kl_source"] == "lm" and small["init"]["kl_norm"] > 0
     assert "no interval" in format_profile(small)

@@ -15,23 +15,46 @@ from locality.measure.drop_top import without_top_blocks
 def test_results_follow_the_schema(train):
     r = train("model=tiny_opt", "objective=cls")
     assert r["schema"] == "locality.results/1"
-    assert set(r["run"]) == {"name", "model", "family", "block_type", "scale_band", "objective", "control", "seed",
-                             "n_params", "n_layers", "steps", "wall_s", "init_from", "config_hash", "setting_hash",
-                             "sweep", "versions", "data", "resumed_from_steps"}
+    assert set(r["run"]) == {
+        "name",
+        "model",
+        "family",
+        "block_type",
+        "scale_band",
+        "objective",
+        "control",
+        "seed",
+        "n_params",
+        "n_layers",
+        "steps",
+        "wall_s",
+        "init_from",
+        "config_hash",
+        "setting_hash",
+        "sweep",
+        "versions",
+        "data",
+        "resumed_from_steps",
+    }
     n = r["run"]["n_layers"]
     assert r["depth"] == [i / n for i in range(n + 1)]
     for metric in ("cosine", "cosine_tokens", "cka_linear", "cka_debiased", "procrustes", "weight_rel"):
         assert len(r["change"][metric]) == n + 1
-        assert {"slope", "slope_ci", "slope_per_layer", "steepness", "width", "width_count"} <= set(r["profile"][metric])
+        assert {"slope", "slope_ci", "slope_per_layer", "steepness", "width", "width_count"} <= set(
+            r["profile"][metric]
+        )
     assert len(r["init"]["grad_rel"]) == n and all(g > 0 for g in r["init"]["grad_rel"])
-    assert {"loss", "acc", "f1", "kl", "kl_norm"} <= set(r["init"]) and {"loss", "acc", "f1"} <= set(r["final"])
+    assert {"loss", "acc", "f1", "kl", "kl_norm"} <= set(r["init"]) and {"loss", "acc", "f1"} <= set(
+        r["final"]
+    )
     assert len(r["features"]["norm_ratio"]) == n + 1
 
 
 def test_capture_layer_zero_is_the_embedding_output_and_last_is_the_last_block():
     backbone = load_backbone(ModelConf(**load_option("model", "tiny_gpt2")))
-    batch = backbone.tokenizer(["one short text", "and a second, longer text here"], padding=True,
-                               return_tensors="pt")
+    batch = backbone.tokenizer(
+        ["one short text", "and a second, longer text here"], padding=True, return_tensors="pt"
+    )
     feats = capture(backbone.base, backbone.blocks, [batch], pooling="first")
     assert backbone.base.training  # capture restores the mode it found
     backbone.base.eval()
@@ -87,14 +110,27 @@ def test_dynamics_captures_during_training(train):
 def test_hub_dataset_format_from_local_files_through_the_cli(train, tmp_path):
     import pandas as pd
 
-    rows = [{"sentence": f"this film is {'great' if i % 2 else 'awful'} ({i})", "label": i % 2, "idx": i}
-            for i in range(160)]
+    rows = [
+        {"sentence": f"this film is {'great' if i % 2 else 'awful'} ({i})", "label": i % 2, "idx": i}
+        for i in range(160)
+    ]
     pd.DataFrame(rows[:100]).to_parquet(tmp_path / "train.parquet")
     pd.DataFrame(rows[100:]).to_parquet(tmp_path / "validation.parquet")
-    r = train("model=tiny_bert", "objective=cls", "data=sst2", "data.path=parquet", "data.subset=null",
-              f"+data.data_files={{train: {tmp_path}/train.parquet, validation: {tmp_path}/validation.parquet}}",
-              "measure.n_probe=32", "data.n_validation=16")
-    assert r["run"]["steps"] == 2 and r["final"]["acc"] >= 0
+    r = train(
+        "model=tiny_bert",
+        "objective=cls",
+        "data=sst2",
+        "data.path=parquet",
+        "data.subset=null",
+        f"+data.data_files={{train: {tmp_path}/train.parquet, validation: {tmp_path}/validation.parquet}}",
+        "measure.n_probe=32",
+        "data.n_validation=16",
+    )
+    assert r["run"]["steps"] == 2 and r["run"]["data"]["n_validation"] == 16
+    assert r["run"]["data"]["label_names"] == ["0", "1"] and 0 <= r["final"]["acc"] <= 1
+    assert r["final"]["acc"] * 16 == pytest.approx(
+        round(r["final"]["acc"] * 16)
+    )  # a count out of 16 examples
 
 
 def test_saved_model_loads_through_model_hf(train, tmp_path):

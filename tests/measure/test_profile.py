@@ -88,17 +88,32 @@ def test_bootstrap_ci_of_a_clean_linear_profile_contains_the_slope():
     n, d, n_layers = 120, 16, 7
     pre = [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(n_layers)]
     direction = torch.randn(n, d, generator=g, dtype=torch.float64)
-    post = [x + (0.2 + 0.8 * i / 6) * direction for i, x in enumerate(pre)]  # euclidean change linear in depth
+    post = [
+        x + (0.2 + 0.8 * i / 6) * direction for i, x in enumerate(pre)
+    ]  # euclidean change linear in depth
     changes = layer_changes(pre, post, metrics=["euclidean", "cosine", "cka_debiased"], n_boot=200, seed=1)
     stats = profiles(DEPTH, changes, ci=0.95)
     euclid = stats["euclidean"]
-    assert euclid["slope"] == pytest.approx(0.8 * torch.linalg.norm(direction, dim=1).mean().item(), rel=1e-10)
+    assert euclid["slope"] == pytest.approx(
+        0.8 * torch.linalg.norm(direction, dim=1).mean().item(), rel=1e-10
+    )
     for metric, s in stats.items():
         lo, hi = s["slope_ci"]
         assert lo < s["slope"] < hi, metric
         assert s["slope"] > 0 and lo > 0, metric
-    assert set(stats["cosine"]) == {"slope", "slope_ci", "slope_per_layer", "steepness", "width", "width_count",
-                                    "width_threshold", "slope_jackknife", "ci_method", "ci_level", "ci_note"}
+    assert set(stats["cosine"]) == {
+        "slope",
+        "slope_ci",
+        "slope_per_layer",
+        "steepness",
+        "width",
+        "width_count",
+        "width_threshold",
+        "slope_jackknife",
+        "ci_method",
+        "ci_level",
+        "ci_note",
+    }
     assert stats["cosine"]["ci_method"] == "percentile" and stats["cosine"]["ci_level"] == 0.95
     plain = profiles(DEPTH, {"cosine": changes["cosine"].values})
     assert plain["cosine"]["slope_ci"] is None

@@ -82,6 +82,7 @@ def orthogonal(d: int, seed: int) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- CKA values
 
+
 def test_kornblith_golden_values():
     X, Y = golden()
     assert linear_cka(X, Y) == pytest.approx(0.55761, abs=1e-5)
@@ -144,9 +145,12 @@ def test_half_precision_inputs_are_upcast_not_computed_in_half():
     Y = X + torch.randn(64, 32, generator=g)
     for dtype in (torch.float16, torch.bfloat16):
         x, y = X.to(dtype), Y.to(dtype)
-        assert linear_cka(x, y) == pytest.approx(ref_cka_gram(x.double().numpy(), y.double().numpy()), abs=1e-12)
-        assert procrustes_distance(x, y) == pytest.approx(ref_procrustes(x.double().numpy(), y.double().numpy()),
-                                                          abs=1e-12)
+        assert linear_cka(x, y) == pytest.approx(
+            ref_cka_gram(x.double().numpy(), y.double().numpy()), abs=1e-12
+        )
+        assert procrustes_distance(x, y) == pytest.approx(
+            ref_procrustes(x.double().numpy(), y.double().numpy()), abs=1e-12
+        )
 
 
 def test_undefined_cka_is_nan_not_an_error():
@@ -171,17 +175,24 @@ def test_shape_validation():
 
 # ------------------------------------------------------------------------------ other metrics
 
+
 def test_procrustes_distance():
     rng = np.random.default_rng(5)
     X = rng.standard_normal((50, 8))
     assert procrustes_distance(X, 3 * X @ orthogonal(8, 6) + 1) == pytest.approx(0, abs=1e-10)
     assert procrustes_distance(X, -X) == pytest.approx(0, abs=1e-10)
-    for shape_y in [(50, 8), (50, 5), (50, 120)]:  # p != q is the zero-padded problem; q > n uses QR reduction
+    for shape_y in [
+        (50, 8),
+        (50, 5),
+        (50, 120),
+    ]:  # p != q is the zero-padded problem; q > n uses QR reduction
         Y = rng.standard_normal(shape_y)
         value = procrustes_distance(X, Y)
         assert 0 <= value <= 2
         assert value == pytest.approx(ref_procrustes(X, Y), abs=1e-12)
-    assert procrustes_distance(X * 1e-12, Y[:, :8] * 1e9) == pytest.approx(ref_procrustes(X, Y[:, :8]), abs=1e-12)
+    assert procrustes_distance(X * 1e-12, Y[:, :8] * 1e9) == pytest.approx(
+        ref_procrustes(X, Y[:, :8]), abs=1e-12
+    )
     W = rng.standard_normal((20, 200))  # n < p and n < q
     Z = W + rng.standard_normal((20, 150)) @ rng.standard_normal((150, 200)) / 10
     assert procrustes_distance(W, Z) == pytest.approx(ref_procrustes(W, Z), abs=1e-12)
@@ -205,7 +216,9 @@ def test_row_wise_metrics():
 def test_cka_matrix():
     g = torch.Generator().manual_seed(8)
     base = torch.randn(40, 12, generator=g)
-    wide = [base @ torch.randn(12, 60, generator=g) + torch.randn(40, 60, generator=g) * s for s in (0.1, 1, 3)]
+    wide = [
+        base @ torch.randn(12, 60, generator=g) + torch.randn(40, 60, generator=g) * s for s in (0.1, 1, 3)
+    ]
     narrow = [base + torch.randn(40, 12, generator=g) * s for s in (0.1, 1)]
     for feats in (wide, narrow):  # n <= d: Gram-space path; n > d: feature-space path
         for debiased in (False, True):
@@ -221,7 +234,10 @@ def test_cka_matrix():
 
 # ------------------------------------------------------------------------------- layer_changes bootstrap
 
-def _layers(n: int, d: int, n_layers: int = 3, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+
+def _layers(
+    n: int, d: int, n_layers: int = 3, seed: int = 0
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     pre = [torch.randn(n, d, generator=g) + 2 for _ in range(n_layers)]
     post = [x + 0.3 * (i + 1) * torch.randn(n, d, generator=g) for i, x in enumerate(pre)]
@@ -244,8 +260,14 @@ def _naive(metric: str, X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor) ->
             return (A * B).sum() + A.sum() * B.sum() / ((m - 1) * (m - 2)) - 2 / (m - 2) * A.sum(1) @ B.sum(1)
 
         return 1 - float(hsic(K, L) / (hsic(K, K) * hsic(L, L)).sqrt())
-    fn = {"cosine": cosine_distance, "euclidean": euclidean_distance, "procrustes": procrustes_distance,
-          "cka_linear": lambda a, b: 1 - linear_cka(a, b), "dot": feature_dot, "norm_ratio": norm_ratio}[metric]
+    fn = {
+        "cosine": cosine_distance,
+        "euclidean": euclidean_distance,
+        "procrustes": procrustes_distance,
+        "cka_linear": lambda a, b: 1 - linear_cka(a, b),
+        "dot": feature_dot,
+        "norm_ratio": norm_ratio,
+    }[metric]
     return fn(X[rows], Y[rows])
 
 
@@ -258,14 +280,20 @@ def test_fast_bootstrap_equals_recomputing_on_resampled_rows(n, d):
         for b in range(3):
             for layer in range(3):
                 expected = _naive(metric, pre[layer], post[layer], indices[b])
-                assert out[metric].replicates[b, layer] == pytest.approx(expected, abs=1e-10), (metric, b, layer)
+                assert out[metric].replicates[b, layer] == pytest.approx(expected, abs=1e-10), (
+                    metric,
+                    b,
+                    layer,
+                )
 
 
 def test_procrustes_bootstrap_with_rank_deficient_features_and_duplicate_examples():
     # the Gram-side Cholesky fails on these (rank 5 < drawn rows; two identical examples), so replicates
     # take the feature-side path; both must agree with recomputing on the rows
     g = torch.Generator().manual_seed(12)
-    low_rank = torch.randn(30, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 50, generator=g, dtype=torch.float64)
+    low_rank = torch.randn(30, 5, generator=g, dtype=torch.float64) @ torch.randn(
+        5, 50, generator=g, dtype=torch.float64
+    )
     dup = torch.randn(30, 50, generator=g, dtype=torch.float64)
     dup[1] = dup[0]
     pre = [low_rank, dup]
@@ -290,7 +318,9 @@ def test_layer_changes_shapes_points_and_determinism():
     assert out["cka_linear"].values[1] == pytest.approx(1 - linear_cka(pre[1], post[1]), abs=1e-14)
     assert out["cka_debiased"].values[3] == pytest.approx(1 - linear_cka(pre[3], post[3], True), abs=1e-14)
     assert out["procrustes"].values[0] == pytest.approx(procrustes_distance(pre[0], post[0]), abs=1e-14)
-    again = layer_changes(pre, post, metrics=["procrustes", "cosine"], n_boot=30, seed=2, n_boot_procrustes=10)
+    again = layer_changes(
+        pre, post, metrics=["procrustes", "cosine"], n_boot=30, seed=2, n_boot_procrustes=10
+    )
     np.testing.assert_array_equal(again["procrustes"].replicates, out["procrustes"].replicates)
     np.testing.assert_array_equal(again["cosine"].replicates, out["cosine"].replicates)
     other = layer_changes(pre, post, metrics=["cosine"], n_boot=30, seed=3)
@@ -302,8 +332,14 @@ def test_layer_changes_shapes_points_and_determinism():
 
 def test_replicates_center_on_the_point_values():
     pre, post = _layers(200, 24, n_layers=3, seed=5)
-    out = layer_changes(pre, post, metrics=["cosine", "euclidean", "cka_debiased", "cka_linear", "procrustes"],
-                        n_boot=200, seed=0, n_boot_procrustes=40)
+    out = layer_changes(
+        pre,
+        post,
+        metrics=["cosine", "euclidean", "cka_debiased", "cka_linear", "procrustes"],
+        n_boot=200,
+        seed=0,
+        n_boot_procrustes=40,
+    )
     for metric, (values, replicates) in out.items():
         shift = replicates.mean(0) - values
         if metric in ("cka_linear", "procrustes"):
