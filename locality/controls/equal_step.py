@@ -572,16 +572,16 @@ class EqualStep(UpdateRatioMonitor):
     either way. The snapshot buffers are allocated once and kept, so where the copy happens does not
     change peak memory: one copy of the blocks' trainable parameters, in their own (master) dtype.
 
-    Cost: a handful of multi-tensor ops per step (pre-hook: copy; post-hook: sums of squares, sub, sums of
-    squares, then the rescale: one `_foreach_mul_` per block and one add on GPUs, one `_foreach_addcmul_`
-    on CPU, see `EqualStepCore._rescale`), per-block sums by a segment sum of the stacked per-tensor sums,
-    scales computed on device: no host sync in the hooks. Ratios reach the CPU only when logged (or
-    `history` is read).
+    Cost: a handful of multi-tensor ops per step (pre-hook: copy; post-hook: sub (W := ΔW), sums of squares of
+    W_old, ΔW and the gradients, one `_foreach_mul_` per block, add (W := W_old + sΔW), sub and sums of
+    squares again for the re-measured ratios; see `EqualStepCore._equalize`), per-block sums by a segment sum
+    of the stacked per-tensor sums, scales computed on device: no host sync in the hooks. Ratios reach the
+    CPU only when logged (or `history` is read).
 
     Distributed. DDP: every rank computes the same result locally, no communication. FSDP2
-    (`fully_shard`, ModelParallelStrategy): local shards, one all_reduce of a [2, n_layers] tensor of
-    sums of squares per step over the shard group; parameters are never gathered. FSDP1 and DeepSpeed are
-    refused (their flat parameters split blocks across ranks).
+    (`fully_shard`, ModelParallelStrategy): local shards, two all_reduces per step over the shard group (a
+    [3, n_layers] tensor of sums of squares, then the re-measure); parameters are never gathered. FSDP1 and
+    DeepSpeed are refused (their flat parameters split blocks across ranks).
 
     Logging (every `trainer.log_every_n_steps` real steps, to `trainer.loggers` on Lightning's step axis):
     `equal_step/ratio_before/block_{l:02d}`, `equal_step/ratio_after/block_{l:02d}` (parts under their
