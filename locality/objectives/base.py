@@ -92,17 +92,4 @@ def no_cache(model: nn.Module) -> dict:
     return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
 
 
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, how: str) -> torch.Tensor:
-    """Pool [batch, seq, dim] hidden states per example: first, last non-pad (right padding), or mean."""
-    if how == "first":
-        return hidden[:, 0]
-    if how == "last":
-        last = attention_mask.sum(dim=1).clamp(min=1) - 1
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    if how == "mean":
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-    raise ValueError(f"unknown pooling '{how}' (first, last, mean)")
-
-
 FAMILY_POOLING = {"encoder": "first", "decoder": "last", "ssm": "mean", "rnn": "mean"}

@@ -14,7 +14,8 @@ from torch import nn
 from locality.backbones import Backbone
 from locality.data.sources import Splits
 from locality.errors import UserError
-from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput, no_cache, pool
+from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput, no_cache
+from locality.pooling import pool
 
 
 class SequenceClassification(Objective):

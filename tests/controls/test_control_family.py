@@ -129,7 +129,7 @@ def test_equal_step_logs_equal_ratios_at_every_step_and_standard_does_not(train,
     before = logged.filter(like="equal_step/ratio_before/").dropna(how="all")
     assert len(after) == 5 and after.shape[1] == controlled["run"]["n_layers"]
     spread = after.max(axis=1) / after.min(axis=1)
-    assert (spread - 1).abs().max() < 1e-6
+    assert (spread - 1).abs().max() < 1e-5  # re-measured from the stored float32 weights
     assert (before.max(axis=1) / before.min(axis=1)).max() > 1 + 1e-3
     standard = _logged(runs["standard"]).filter(like="update_ratio/block_").dropna(how="all")
     # Adam's first step moves identical random blocks almost equally; the spread grows from there
