@@ -1,7 +1,7 @@
 """Checks before any work: every value a run needs, refused in one paragraph before data or weights load.
 
 Three layers, cheapest first:
-- `check_values(cfg)` (called by `locality.config.validate`, so `locality.plan` runs it too): ranges and
+- `validate(cfg)` (the group schemas, then `check_values`; `locality.plan` runs it too): ranges and
   fixed choices of every plain value, from the composed config alone.
 - `preflight(cfg)`: what needs a file but no weights: control arguments (each control's constructor and
   `check_model(n_blocks)` against the model's config.json), the model source (a local directory that is
@@ -29,6 +29,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from locality.config import INITS, ModelConf, apply_schemas
 from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -116,6 +117,14 @@ def min_bootstrap(ci: float) -> int:
     return math.ceil(2 / (1 - ci) - 1e-9)
 
 
+def validate(cfg: DictConfig) -> DictConfig:
+    """The composed config merged onto the group schemas (`locality.config.apply_schemas`), then every value
+    checked (`check_values`): a UserError names the bad key and what it may be."""
+    cfg = apply_schemas(cfg)
+    check_values(cfg)
+    return cfg
+
+
 def check_values(cfg: DictConfig) -> None:
     """Ranges and fixed choices of the composed config (no files read)."""
     for rule in RULES:
@@ -148,7 +157,6 @@ def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
     from lightning.fabric.connector import _PRECISION_INPUT_STR
     from transformers import SchedulerType
 
-    from locality.config import INITS
     from locality.pooling import POOLINGS
 
     return {
@@ -191,7 +199,6 @@ class Preflight:
 def preflight(cfg: DictConfig) -> Preflight:
     """Checks that read files but no weights or data (a validated config; see the module docstring)."""
     from locality.backbones import family_of, peek_config, peek_n_blocks
-    from locality.config import ModelConf
     from locality.controls.build import build_controls
     from locality.objectives import objective_class
 
@@ -271,8 +278,6 @@ class PreflightCallback(Callback):
     """Hydra callback: check a single run before Hydra creates its directory; a sweep's output root first."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from locality.config import validate
-
         _exit_on_user_error(lambda: preflight(validate(_without_hydra(config))))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

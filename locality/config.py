@@ -2,7 +2,7 @@
 
 Every option of a group extends its dataclass schema (`defaults: [/<group>_schema@_here_, _self_]`), so every key can be
 overridden on any option, and Hydra reports a misspelt key or a wrong type (exit 2) before a model is
-loaded; `validate` then checks every value's range or choices (`locality.checks`). Controls are free-form
+loaded; `locality.checks.validate` then checks every value's range or choices. Controls are free-form
 `_target_` configs: their constructor arguments are their schema (`locality.controls.build`).
 """
 
@@ -15,7 +15,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from locality.checks import check_values
 from locality.errors import UserError
 from locality.identity import run_name_resolver
 
@@ -199,9 +198,9 @@ def register_resolvers() -> None:
         store.store(name=f"{group}_schema", node=schema)
 
 
-def validate(cfg: DictConfig) -> DictConfig:
-    """Merge every group onto its schema, then check every value (`locality.checks.check_values`); raise
-    UserError naming the bad key and the valid keys, choices or range."""
+def apply_schemas(cfg: DictConfig) -> DictConfig:
+    """Merge every group onto its schema (types, known keys); raise UserError naming the bad key and the valid
+    keys. `locality.checks.validate` then checks every value's range or choices."""
     for group, schema in SCHEMAS.items():
         if group not in cfg:
             raise UserError(f"The config has no '{group}' group; did an experiment file remove it?")
@@ -216,7 +215,6 @@ def validate(cfg: DictConfig) -> DictConfig:
         with_flag = OmegaConf.to_container(typed)
         OmegaConf.set_struct(cfg, False)
         cfg[group] = with_flag
-    check_values(cfg)
     OmegaConf.set_struct(cfg, True)
     return cfg
 

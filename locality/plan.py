@@ -19,7 +19,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from omegaconf import DictConfig, OmegaConf
 
-from locality.config import ModelConf, register_resolvers, validate
+from locality.checks import validate
+from locality.config import ModelConf, register_resolvers
 from locality.errors import EXIT_USER_ERROR, UserError, report
 from locality.identity import control_name
 from locality.paths import conf_dir

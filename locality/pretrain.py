@@ -260,8 +260,7 @@ def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=prin
     """Build the model from its config and pretrain it; returns (model in eval mode on the CPU, report)."""
     from transformers import AutoConfig
 
-    from locality.backbones import AUTO_CLASSES, _token_ids
-    from locality.objectives.base import no_cache
+    from locality.backbones import AUTO_CLASSES, _token_ids, no_cache
 
     masked = head == "masked_lm"
     train_blocks, held_blocks = corpus_blocks(tokenizer, conf.seq_len, masked)
@@ -379,10 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
 
     from locality.backbones import load_tokenizer, peek_family
-    from locality.config import register_resolvers, validate
+    from locality.checks import validate
+    from locality.config import register_resolvers
     from locality.errors import EXIT_USER_ERROR, report
     from locality.paths import conf_dir
-    from locality.train import quiet_libraries
+    from locality.quiet import quiet_libraries
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in overrides):

@@ -22,8 +22,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from locality.backbones import load_backbone, peek_family
-from locality.checks import preflight
-from locality.config import ModelConf, register_resolvers, to_plain, validate
+from locality.checks import preflight, validate
+from locality.config import ModelConf, register_resolvers, to_plain
 from locality.controls import Control, UpdateRatioMonitor
 from locality.data.datamodule import LocalityDataModule
 from locality.data.sources import load_splits
@@ -37,26 +37,13 @@ from locality.module import LocalityModule
 from locality.objectives import objective_class
 from locality.paths import conf_dir
 from locality.provenance import versions
+from locality.quiet import quiet_libraries
 from locality.resume import RunState
 from locality.rundir import SCHEMA, RunDir
 from locality.taxonomy import scale_band
 from locality.trainer import build_logger, build_trainer, finish_wandb
 
 register_resolvers()
-
-
-def quiet_libraries() -> None:
-    """Keep the terminal for progress and the profile: library chatter goes to warnings level."""
-    import logging
-    import warnings
-
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers|litlogger).*")
 
 
 def run(cfg: DictConfig) -> dict:

@@ -21,8 +21,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from locality.checks import min_bootstrap, preflight
-from locality.config import register_resolvers, validate
+from locality.checks import min_bootstrap, preflight, validate
+from locality.config import register_resolvers
 from locality.data.sources import load_splits
 from locality.errors import UserError
 from locality.paths import conf_dir

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from locality.config import register_resolvers, validate
+from locality.checks import validate
+from locality.config import register_resolvers
 from locality.paths import conf_dir, model_presets
 from locality.plan import plan
 

@@ -6,7 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from locality.config import register_resolvers, validate
+from locality.checks import validate
+from locality.config import register_resolvers
 from locality.errors import UserError
 from locality.identity import NON_RESULT_KEYS, changed_keys, config_hash, result_config
 from locality.paths import conf_dir

@@ -102,6 +102,12 @@ class Backbone:
         )
 
 
+def no_cache(model: nn.Module) -> dict:
+    """Training never needs the generation cache; RWKV even updates its state in place with it (which
+    breaks backward in eval mode), so models that have one are told not to use it."""
+    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
+
+
 def peek_config(spec: ModelConf):
     """The model's transformers config alone (no weights are read, nothing is downloaded but config.json)."""
     if spec.arch is not None:
@@ -253,6 +259,7 @@ __all__ = [
     "find_blocks",
     "load_backbone",
     "load_tokenizer",
+    "no_cache",
     "peek_config",
     "peek_family",
     "peek_n_blocks",

@@ -34,8 +34,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from locality.backbones import no_cache
 from locality.measure.similarity import token_cosine_sums
-from locality.objectives.base import no_cache
 from locality.pooling import pool
 
 

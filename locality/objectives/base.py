@@ -86,10 +86,4 @@ class LanguageModeling(Objective):
         return self.vocab_size
 
 
-def no_cache(model: nn.Module) -> dict:
-    """Training never needs the generation cache; RWKV even updates its state in place with it (which
-    breaks backward in eval mode), so models that have one are told not to use it."""
-    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
-
-
 FAMILY_POOLING = {"encoder": "first", "decoder": "last", "ssm": "mean", "rnn": "mean"}

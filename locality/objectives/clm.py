@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from locality.backbones import no_cache
 from locality.errors import UserError
-from locality.objectives.base import IGNORE, LanguageModeling, StepOutput, no_cache
+from locality.objectives.base import IGNORE, LanguageModeling, StepOutput
 
 
 class CausalLM(LanguageModeling):

@@ -11,10 +11,10 @@ import torch
 import torchmetrics
 from torch import nn
 
-from locality.backbones import Backbone
+from locality.backbones import Backbone, no_cache
 from locality.data.sources import Splits
 from locality.errors import UserError
-from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput, no_cache
+from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput
 from locality.pooling import pool
 
 

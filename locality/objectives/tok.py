@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from locality.backbones import Backbone
+from locality.backbones import Backbone, no_cache
 from locality.data.sources import Splits
 from locality.data.wordclass import TAGS, tag_spans
 from locality.errors import UserError
-from locality.objectives.base import IGNORE, Objective, StepOutput, no_cache
+from locality.objectives.base import IGNORE, Objective, StepOutput
 
 
 class TokenClassification(Objective):
