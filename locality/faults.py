@@ -4,9 +4,13 @@ A NaN or infinite training loss means every later step, checkpoint and measureme
 weights become NaN after the next update). `StopOnNonFiniteLoss` raises `NonFiniteLoss` in
 `on_train_batch_end` of a checkpoint step, which Lightning runs before `ModelCheckpoint` saves, so
 `last.ckpt` keeps the last finite weights; `locality.train` then writes failed.json (reason and step) and exits non-zero.
+`storage_error` tells a full disk or an unwritable file behind any failure, which `locality.train` reports as
+one paragraph naming the checkpoint kept.
 """
 
 from __future__ import annotations
+
+import errno
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -55,3 +59,17 @@ class StopOnNonFiniteLoss(Callback):
     def check(self) -> None:
         if self._first_bad is not None and int(self._first_bad) >= 0:
             raise NonFiniteLoss(int(self._first_bad), float(self._bad_loss))
+
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_error(error: BaseException) -> OSError | None:
+    """The disk-full / read-only / permission error behind a failure, if that is what it was."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+            return error
+        error = error.__cause__ or error.__context__
+    return None

@@ -108,9 +108,9 @@ def _plain(value):
 def key_material(spec: ModelConf, tokenizer, head: str, conf: PretrainConf) -> dict:
     """Everything that determines the pretrained weights (the cache key is a hash of it)."""
     from locality.backbones import _token_ids
+    from locality.backbones.tokenizer import vocab_fingerprint
     from locality.data.corpus import pretraining_corpus_version
 
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     pretrain = asdict(conf)
     if head != "masked_lm":
         pretrain.pop("mask_prob")
@@ -120,7 +120,7 @@ def key_material(spec: ModelConf, tokenizer, head: str, conf: PretrainConf) -> d
         "config_overrides": _plain(spec.config_overrides),
         "token_ids": _token_ids(tokenizer),
         "tokenizer": spec.tokenizer,
-        "tokenizer_vocab": hashlib.sha1(vocab.encode()).hexdigest()[:12],
+        "tokenizer_vocab": vocab_fingerprint(tokenizer)[:12],
         "head": head,
         "corpus": pretraining_corpus_version(),
         "pretrain": pretrain,

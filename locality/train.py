@@ -9,7 +9,6 @@ rank trains and measures, and rank zero alone writes files and prints.
 from __future__ import annotations
 
 import contextlib
-import errno
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from locality.controls import Control, UpdateRatioMonitor
 from locality.data.datamodule import LocalityDataModule
 from locality.data.sources import load_splits
 from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
+from locality.faults import storage_error
 from locality.identity import config_hash, control_name, setting_hash
 from locality.measure.cross_layer import save_cross_layer
 from locality.measure.depth import DepthProfiler
@@ -90,20 +90,6 @@ def run(cfg: DictConfig) -> dict:
                 + "free space or fix permissions, then relaunch the same command to resume."
             ) from error
         raise
-
-
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
-def storage_error(error: BaseException) -> OSError | None:
-    """The disk-full / read-only / permission error behind a failure, if that is what it was."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
-            return error
-        error = error.__cause__ or error.__context__
-    return None
 
 
 class Attempt:

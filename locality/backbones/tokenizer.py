@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
@@ -34,3 +37,8 @@ def load_tokenizer(spec: ModelConf, model_source: str | None) -> PreTrainedToken
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def vocab_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha1 of the whole vocabulary (token -> id): two tokenizers with the same name can still differ."""
+    return hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()

@@ -22,8 +22,6 @@ dict shaped like results.json's "depth", "change", "profile" and "init" keys:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 import warnings
 from contextlib import nullcontext
@@ -31,6 +29,7 @@ from contextlib import nullcontext
 import lightning as L
 import torch
 
+from locality.backbones.tokenizer import vocab_fingerprint
 from locality.measure.capture import (
     capture,
     capture_key,
@@ -96,13 +95,12 @@ class DepthProfiler:
         the tokenizer (its whole vocabulary), the model config (overrides that change the forward pass with the
         same weights), and the dtype and precision the capture runs in."""
         tok = self.backbone.tokenizer
-        vocab = hashlib.sha1(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
         return {
             "pooling": self.cfg.pooling,
             "k": self.cfg.token_positions,
             "seed": self.seed,
             "tokenizer": tok.name_or_path,
-            "vocab": vocab,
+            "vocab": vocab_fingerprint(tok),
             "special": tok.special_tokens_map,
             "padding_side": tok.padding_side,
             "max_length": self.data.max_length,
