@@ -21,7 +21,7 @@ import argparse
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from locality.controls.equal_step import EqualStepCore, spread
+from locality.controls.equal_step_core import EqualStepCore, spread
 from locality.controls.lora_ratios import MergedLoRARatios
 
 

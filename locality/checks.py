@@ -69,12 +69,14 @@ def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda v: v is None or check(v)
 
 
+_ABSENT = object()
+
 RULES = [
     Rule("seed", at_least(0), "an integer >= 0", "0"),
     Rule("optim.lr", above(0), "a learning rate > 0", "1e-4"),
     Rule("optim.weight_decay", at_least(0, integer=False), "a number >= 0", "0.01"),
     Rule(
-        "optim.warmup",
+        "scheduler.warmup",
         at_least(0, integer=False),
         "a fraction of the steps in [0, 1) or a number of steps >= 1",
         "0.1",
@@ -122,13 +124,33 @@ def validate(cfg: DictConfig) -> DictConfig:
     checked (`check_values`): a UserError names the bad key and what it may be."""
     cfg = apply_schemas(cfg)
     check_values(cfg)
+    check_components(cfg)
     return cfg
+
+
+def check_components(cfg: DictConfig) -> None:
+    """The groups built from a `_target_` (objective, optim, scheduler; controls in `preflight`): every key is
+    an argument of the target, of the right kind (`locality.components`)."""
+    from locality.components import check_component
+    from locality.objectives import check_objective_config
+    from locality.trainer import OWN_KEYS, SUPPLIED
+
+    for group in ("objective", "optim", "scheduler", "trainer", "logger"):
+        if group not in cfg:
+            raise UserError(f"The config has no '{group}' group; did an experiment file remove it?")
+    check_objective_config(cfg.objective)
+    check_component(cfg.optim, "optim", supplied_elsewhere=("params",))
+    check_component(cfg.scheduler, "scheduler", supplied_elsewhere=("optimizer", "total_steps"))
+    check_component(cfg.trainer, "trainer", supplied_elsewhere=SUPPLIED, extra_keys=OWN_KEYS)
+    check_component(cfg.logger, "logger", supplied_elsewhere=("info",))
 
 
 def check_values(cfg: DictConfig) -> None:
     """Ranges and fixed choices of the composed config (no files read)."""
     for rule in RULES:
-        value = OmegaConf.select(cfg, rule.key)
+        value = OmegaConf.select(cfg, rule.key, default=_ABSENT)
+        if value is _ABSENT:  # a key only some options of a group have (objective.mask_prob, optim.betas)
+            continue
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value)
         if not rule.ok(value):
@@ -155,29 +177,33 @@ def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
     import typing
 
     from lightning.fabric.connector import _PRECISION_INPUT_STR
-    from transformers import SchedulerType
 
     from locality.pooling import POOLINGS
 
     return {
         "model.dtype": (cfg.model.dtype, DTYPES),
         "model.init": (cfg.model.init, INITS),
-        "optim.schedule": (cfg.optim.schedule, tuple(s.value for s in SchedulerType if s.value != "greedy")),
         "trainer.precision": (str(cfg.trainer.precision), typing.get_args(_PRECISION_INPUT_STR)),
         "trainer.accelerator": (cfg.trainer.accelerator, ACCELERATORS),
         "measure.pooling": (cfg.measure.pooling, POOLINGS),
         "measure.ci_method": (cfg.measure.ci_method, ("basic", "percentile")),
         "measure.plugin_ci": (cfg.measure.plugin_ci, ("jackknife", "bootstrap")),
-        "objective.pooling": (cfg.objective.pooling, ("auto", "first", "last", "mean")),
         "data.source": (cfg.data.source, ("builtin", "hub")),
-        "logger.kind": (cfg.logger.kind, ("wandb", "csv", "none")),
     }
 
 
 def _check_choices(cfg: DictConfig) -> None:
     from locality.measure.similarity import MEASURE_METRICS
 
-    for key, (value, valid) in _choices(cfg).items():
+    choices = _choices(cfg)
+    if "shape" in cfg.scheduler:
+        from transformers import SchedulerType
+
+        choices["scheduler.shape"] = (
+            cfg.scheduler.shape,
+            tuple(s.value for s in SchedulerType if s.value != "greedy"),
+        )
+    for key, (value, valid) in choices.items():
         if value not in valid:
             raise UserError(f"{key}={value!r} is not a valid choice; choose one of: {', '.join(valid)}.")
     unknown = [m for m in cfg.measure.metrics if m not in MEASURE_METRICS]
@@ -208,7 +234,7 @@ def preflight(cfg: DictConfig) -> Preflight:
     spec = ModelConf(**cfg.model)
     config = peek_config(spec)
     family = spec.family or family_of(config)
-    objective_class(cfg.objective.name, family=family).check_family(family, config)
+    objective_class(cfg.objective, family=family).check_family(family, config)
     check_control_combination(controls, cfg.model.dtype)
     n_blocks = peek_n_blocks(config)
     if n_blocks is not None:

@@ -71,15 +71,6 @@ class ModelConf:
 
 
 @dataclass
-class ObjectiveConf:
-    name: str = "cls"
-    max_length: int = 128
-    pooling: str = "auto"  # cls: auto | first | last | mean
-    head_dropout: float = 0.1
-    mask_prob: float = 0.15  # mlm
-
-
-@dataclass
 class DataConf:
     name: str = "stdlib_docs"
     source: str = "builtin"  # builtin | hub
@@ -102,34 +93,6 @@ class DataConf:
     batch_size: int = 16
     eval_batch_size: int = 64
     num_workers: int = 0
-
-
-@dataclass
-class OptimConf:
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup: float = 0.1  # fraction of steps if < 1, else a number of steps
-    schedule: str = "linear"  # any transformers.get_scheduler name: linear, cosine, constant_with_warmup, ...
-
-
-@dataclass
-class TrainerConf:
-    max_steps: int = 100
-    max_epochs: int = -1
-    accelerator: str = "auto"
-    devices: Any = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    gradient_clip_val: float | None = 1.0
-    accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 10
-    val_check_interval: Any = None
-    check_val_every_n_epoch: int | None = 1
-    enable_progress_bar: bool = True
-    deterministic: Any = True
-    ckpt_every_n_steps: int = 100
 
 
 @dataclass
@@ -167,24 +130,10 @@ class MeasureConf:
     drop_top_k: int = 0  # evaluate with the top k = 0..K blocks removed after training
 
 
-@dataclass
-class LoggerConf:
-    kind: str = "wandb"  # wandb | csv | none
-    project: str = "locality"
-    entity: str | None = None
-    offline: bool = True
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-
-
 SCHEMAS = {
     "model": ModelConf,
-    "objective": ObjectiveConf,
     "data": DataConf,
-    "optim": OptimConf,
-    "trainer": TrainerConf,
     "measure": MeasureConf,
-    "logger": LoggerConf,
 }
 
 
@@ -220,12 +169,13 @@ def apply_schemas(cfg: DictConfig) -> DictConfig:
 
 
 def load_option(group: str, name: str) -> DictConfig:
-    """One option of a config group merged onto its schema, outside Hydra (tests, notebooks)."""
+    """One option of a config group (merged onto its schema where the group has one), outside Hydra (tests,
+    notebooks)."""
     from locality.paths import conf_dir
 
     raw = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
     raw.pop("defaults", None)
-    return OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), raw)
+    return OmegaConf.merge(OmegaConf.structured(SCHEMAS[group]), raw) if group in SCHEMAS else raw
 
 
 def to_plain(value: Any) -> Any:

@@ -1,20 +1,23 @@
-"""`LocalityModule`: a Hugging Face backbone plus an objective, trained with AdamW and a warmup/decay schedule.
+"""`LocalityModule`: a Hugging Face backbone plus an objective, trained with the configured optimizer and schedule.
 
 It exposes the backbone's depth to controls and measurement under one naming scheme:
 `module.blocks` (residual blocks in depth order) and `module.parts` (embeddings, final_norm, head, and
 unused; placed by where the forward runs them, see `Backbone.part_names`).
 Controls may rewrite the model before the optimizer exists, the parameter groups, and add a penalty
-to the loss (see `locality.controls.base.Control`).
+to the loss (see `locality.controls.base.Control`); they see the module through `ControlledModule`.
+
+The optimizer and the schedule come from config as factories (`conf/optim`, `conf/scheduler`: `_partial_`
+targets): `optimizer(param_groups)` and `scheduler(optimizer, total_steps)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import lightning as L
 import torch
 from torch import nn
-from transformers import get_scheduler
 
 from locality.backbones import Backbone
 from locality.controls.base import Control
@@ -23,12 +26,20 @@ from locality.optim_groups import decay_split
 
 
 class LocalityModule(L.LightningModule):
-    def __init__(self, backbone: Backbone, objective: Objective, optim, controls: Sequence[Control] = ()):
+    def __init__(
+        self,
+        backbone: Backbone,
+        objective: Objective,
+        optimizer: partial[torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler] | None = None,
+        controls: Sequence[Control] = (),
+    ):
         super().__init__()
         self.backbone = backbone
         self.model = backbone.model
         self.objective = objective
-        self.optim = optim
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.controls = list(controls)
         self.train_metrics = objective.metrics().clone(prefix="train/")
         self.val_metrics = objective.metrics().clone(prefix="val/")
@@ -47,6 +58,15 @@ class LocalityModule(L.LightningModule):
         if head is not None:
             parts["head"] = head
         return parts
+
+    @property
+    def pretrained(self) -> nn.Module:
+        return self.backbone.base
+
+    @property
+    def optimizer_settings(self) -> Mapping[str, float]:
+        """The optimizer's configured keyword arguments (lr, weight_decay, ...), as controls read them."""
+        return {"weight_decay": 0.0, **self.optimizer_factory.keywords}
 
     def configure_model(self) -> None:
         if not self._models_configured:  # Lightning may call this again on resume
@@ -77,11 +97,11 @@ class LocalityModule(L.LightningModule):
         self.log_dict(self.val_metrics, on_step=False, on_epoch=True)
 
     def param_groups(self) -> list[dict]:
-        """AdamW groups: weight decay on the weight matrices of linear and conv layers only (backbone and task
-        head alike; see `locality.optim_groups`); then every control may rewrite them."""
+        """Weight decay on the weight matrices of linear and conv layers only (backbone and task head alike;
+        see `locality.optim_groups`); then every control may rewrite the groups."""
         decay, no_decay = decay_split(self)
         groups = [
-            {"params": list(decay.values()), "weight_decay": self.optim.weight_decay},
+            {"params": list(decay.values()), "weight_decay": self.optimizer_settings["weight_decay"]},
             {"params": list(no_decay.values()), "weight_decay": 0.0},
         ]
         for control in self.controls:
@@ -89,12 +109,8 @@ class LocalityModule(L.LightningModule):
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(
-            self.param_groups(), lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps
-        )
-        total = self.trainer.estimated_stepping_batches
-        warmup = round(self.optim.warmup * total) if self.optim.warmup < 1 else int(self.optim.warmup)
-        scheduler = get_scheduler(
-            self.optim.schedule, optimizer, num_warmup_steps=warmup, num_training_steps=total
-        )
+        optimizer = self.optimizer_factory(self.param_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -109,7 +109,7 @@ def check_offline(cfg) -> None:
         family = family_of(AutoConfig.for_model(spec.arch))
     if family is None and cfg.objective.name == "native":
         return  # a hub model without a preset family: resolved when its config is downloaded
-    objective = objective_class(cfg.objective.name, family=family)
+    objective = objective_class(cfg.objective, family=family)
     if family is not None:
         objective.check_family(family, _ModelType(spec.arch or spec.name))
 

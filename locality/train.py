@@ -17,31 +17,35 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from locality.backbones import load_backbone, peek_family
 from locality.checks import preflight, validate
+from locality.components import instantiate_component
 from locality.config import ModelConf, register_resolvers, to_plain
-from locality.controls import Control, UpdateRatioMonitor
+from locality.controls import Control
 from locality.data.datamodule import LocalityDataModule
 from locality.data.sources import load_splits
 from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
 from locality.faults import storage_error
 from locality.identity import config_hash, control_name, setting_hash
+from locality.loggers import RunInfo, finish_wandb
 from locality.measure.cross_layer import save_cross_layer
 from locality.measure.depth import DepthProfiler
 from locality.measure.drop_top import evaluate_dropping_top
 from locality.measure.report import format_profile, log_profile
+from locality.measure.update_ratios import UpdateRatioMonitor
 from locality.module import LocalityModule
-from locality.objectives import objective_class
+from locality.objectives import Task, build_objective, objective_class
 from locality.paths import conf_dir
 from locality.provenance import versions
 from locality.quiet import quiet_libraries
 from locality.resume import RunState
 from locality.rundir import SCHEMA, RunDir
 from locality.taxonomy import scale_band
-from locality.trainer import build_logger, build_trainer, finish_wandb
+from locality.trainer import build_trainer
 
 register_resolvers()
 
@@ -109,14 +113,13 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
     # Data first: a split too small or labels that cannot be encoded are refused before any weights load.
     splits = load_splits(cfg.data, n_probe=cfg.measure.n_probe)
     spec = ModelConf(**cfg.model)
-    objective_cls = objective_class(cfg.objective.name, family=peek_family(spec))
+    objective_cls = objective_class(cfg.objective, family=peek_family(spec))
     backbone = load_backbone(spec, objective_cls.head_kind, require=objective_cls.check_family)
-    objective_cls.check(backbone, splits)
-    objective = objective_cls(backbone, splits, cfg.objective)
+    objective = build_objective(cfg.objective, backbone, Task(tuple(splits.label_names)))
     data = LocalityDataModule(
         splits, objective, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.num_workers
     )
-    module = LocalityModule(backbone, objective, cfg.optim, controls)
+    module = LocalityModule(backbone, objective, instantiate(cfg.optim), instantiate(cfg.scheduler), controls)
     if is_main_process():
         print(backbone.describe())
 
@@ -129,15 +132,8 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
             f"block:{backbone.block_type}",
             f"scale:{scale_band(backbone.n_params)}",
         ]
-        logger = build_logger(
-            cfg.logger,
-            run_dir,
-            cfg.run_name,
-            to_plain(cfg),
-            group=sweep,
-            job_type=control_name(cfg.control),
-            tags=tags,
-        )
+        info = RunInfo(run_dir, cfg.run_name, to_plain(cfg), sweep, control_name(cfg.control), tags)
+        logger = instantiate_component(cfg.logger, "logger", info=info)
     run_state = RunState(started)  # RNG states, wall time and resumes, kept in the checkpoint
     callbacks = [
         *controls,

@@ -112,19 +112,21 @@ def test_relaunching_a_directory_with_another_config_exits_2(train, tmp_path):
 
 
 def test_wandb_run_id_follows_the_directory_and_sweeps_share_a_group(tmp_path):
-    from locality.config import LoggerConf
-    from locality.trainer import build_logger
+    from locality.components import instantiate_component
+    from locality.config import load_option
+    from locality.loggers import RunInfo, finish_wandb
 
     run = RunDir(tmp_path / "gpt2-cls-equal_step-s3-0123abcd")
-    logger = build_logger(
-        OmegaConf.structured(LoggerConf()),
+    info = RunInfo(
         run,
         "gpt2-cls-equal_step-s3-0123abcd",
         {},
-        group="paper_240",
+        sweep="paper_240",
         job_type="equal_step",
         tags=["family:decoder", "scale:<200M"],
     )
+    logger = instantiate_component(load_option("logger", "wandb"), "logger", info=info)
     init = logger._wandb_init
     assert init["id"] == run.path.name and init["group"] == "paper_240" and init["job_type"] == "equal_step"
     assert init["tags"] == ["family:decoder", "scale:<200M"] and logger._offline
+    finish_wandb(teardown=True)  # a W&B run or service left open would be reused by later tests in this process

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from locality.backbones import load_backbone
-from locality.config import ModelConf, ObjectiveConf, OptimConf, load_option
+from locality.config import ModelConf, load_option
 from locality.data.sources import load_builtin
 from locality.module import LocalityModule
-from locality.objectives import objective_class
+from locality.objectives import Task, build_objective, objective_class
 from locality.optim_groups import decay_split
 
 WEIGHT_DECAY = 0.05
@@ -139,11 +140,16 @@ def splits():
 
 def build(preset: str, objective: str, splits, controls=()) -> LocalityModule:
     backbone = load_backbone(
-        ModelConf(**load_option("model", preset)), head=objective_class(objective).head_kind
+        ModelConf(**load_option("model", preset)),
+        head=objective_class(load_option("objective", objective), "decoder").head_kind,
     )
-    head = objective_class(objective)(backbone, splits, OmegaConf.structured(ObjectiveConf(name=objective)))
-    optim = OmegaConf.structured(OptimConf(weight_decay=WEIGHT_DECAY))
-    return LocalityModule(backbone, head, optim, controls)
+    head = build_objective(
+        OmegaConf.merge(load_option("objective", objective), {"max_length": 128}),
+        backbone,
+        Task(tuple(splits.label_names)),
+    )
+    optim = instantiate(load_option("optim", "adamw"), weight_decay=WEIGHT_DECAY)
+    return LocalityModule(backbone, head, optim, controls=controls)
 
 
 def decay_by_name(module: LocalityModule) -> dict[str, float]:

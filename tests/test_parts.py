@@ -7,16 +7,17 @@ import warnings
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from locality.backbones import classify_parts, load_backbone
-from locality.config import ModelConf, ObjectiveConf, OptimConf, load_option
+from locality.config import ModelConf, load_option
 from locality.controls import Freeze, LayerwiseLRDecay
-from locality.controls.equal_step import collect_layers
 from locality.data.sources import load_builtin
+from locality.measure.update_ratios import collect_layers
 from locality.module import LocalityModule
-from locality.objectives import objective_class
+from locality.objectives import Task, build_objective
 
 BERT_EMBEDDINGS = {
     "embeddings.word_embeddings",
@@ -142,10 +143,13 @@ def test_a_forward_that_cannot_run_falls_back_to_names():
 def bert_cls():
     def build(*controls):
         backbone = load_backbone(spec("tiny_bert"))
-        objective = objective_class("cls")(
-            backbone, load_builtin("stdlib_docs", 16, 16), OmegaConf.structured(ObjectiveConf())
+        objective = build_objective(
+            OmegaConf.merge(load_option("objective", "cls"), {"max_length": 128}),
+            backbone,
+            Task(tuple(load_builtin("stdlib_docs", 16, 16).label_names)),
         )
-        module = LocalityModule(backbone, objective, OmegaConf.structured(OptimConf(lr=1.0)), list(controls))
+        optimizer = instantiate(load_option("optim", "adamw"), lr=1.0)
+        module = LocalityModule(backbone, objective, optimizer, controls=list(controls))
         module.configure_model()
         return module
 

@@ -10,8 +10,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from locality import pretrain as pretrain_module
 from locality.backbones import load_backbone, load_tokenizer
+from locality.backbones import pretrained as pretrain_module
+from locality.backbones.pretrained import (
+    STEPS_ENV,
+    cache_key,
+    key_material,
+    pretrained_checkpoint,
+    settings,
+)
 from locality.config import ModelConf, load_option
 from locality.data.corpus import (
     finetuning_docstrings,
@@ -21,13 +28,7 @@ from locality.data.corpus import (
 )
 from locality.data.sources import load_builtin
 from locality.errors import UserError
-from locality.pretrain import (
-    STEPS_ENV,
-    cache_key,
-    key_material,
-    pretrained_checkpoint,
-    settings,
-)
+from locality.pretrain import main as pretrain_main
 
 
 def spec(preset: str, **changes) -> ModelConf:
@@ -184,12 +185,12 @@ def test_invalid_init_is_refused(train):
 
 
 def test_cli_pretrains_once_then_reports_the_cache(capsys):
-    assert pretrain_module.main(["model=tiny_opt"]) == 0
-    assert pretrain_module.main(["model=tiny_opt"]) == 0
+    assert pretrain_main(["model=tiny_opt"]) == 0
+    assert pretrain_main(["model=tiny_opt"]) == 0
     out = capsys.readouterr().out
     assert "held-out loss" in out and "cached (no pretraining)" in out and "init_from: pretrained:opt-" in out
-    assert pretrain_module.main(["model=minilm"]) == 2
-    assert pretrain_module.main([]) == 2
+    assert pretrain_main(["model=minilm"]) == 2
+    assert pretrain_main([]) == 2
 
 
 def test_mini_matrix_is_every_family_at_two_sizes_from_pretrained_checkpoints():
@@ -216,4 +217,4 @@ def test_mini_matrix_is_every_family_at_two_sizes_from_pretrained_checkpoints():
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=mini_matrix"], return_hydra_config=True)
     assert cfg.hydra.launcher.n_jobs == 2 and "joblib" in cfg.hydra.launcher._target_
-    assert cfg.model.init == "pretrained" and cfg.logger.kind == "csv"
+    assert cfg.model.init == "pretrained" and cfg.logger._target_ == "locality.loggers.csv_logger"

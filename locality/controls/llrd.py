@@ -27,7 +27,7 @@ class LayerwiseLRDecay(Control):
         if "embeddings" in module.parts:
             for p in module.parts["embeddings"].parameters():
                 scale_of[id(p)] = self.decay**n
-        base_lr = module.optim.lr
+        base_lr = module.optimizer_settings["lr"]
         out = []
         for group in groups:
             by_scale: dict[float, list] = {}

@@ -4,7 +4,9 @@ An objective is an `nn.Module` (its new head's parameters, if any, are trained w
 
 - `head_kind`: which Hugging Face model class to load ("base", "causal_lm", "masked_lm"); LM objectives
   reuse the checkpoint's pretrained head, the others add a new head on the base model.
-- `check(backbone, splits)`: refuse combinations that make no sense, before any training.
+- its constructor: `(backbone, task, **options)`; the options are its config keys (`conf/objective/<name>.yaml`
+  names the class in `_target_`; `locality.components` checks the keys against this signature).
+- `check(backbone, task)`: refuse combinations that make no sense, before any training.
 - `collate(examples)`: tokenize a list of {"text", "label"?} examples into a batch.
 - `forward(model, batch)`: loss plus (predictions, targets) for the metrics.
 - `metrics()`: a fresh torchmetrics collection (the module keeps one per stage).
@@ -20,9 +22,19 @@ import torchmetrics
 from torch import nn
 
 from locality.backbones import Backbone, HeadKind
-from locality.data.sources import Splits
 
 IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Task:
+    """What an objective needs to know about the data: the labels of a labelled dataset (none for raw text)."""
+
+    label_names: tuple[str, ...] = ()
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
 
 
 @dataclass
@@ -36,17 +48,17 @@ class Objective(nn.Module):
     name: ClassVar[str]
     head_kind: ClassVar[HeadKind] = "base"
 
-    def __init__(self, backbone: Backbone, splits: Splits, cfg):
+    def __init__(self, backbone: Backbone, task: Task, max_length: int = 128):
         super().__init__()
         self.tokenizer = backbone.tokenizer
-        self.max_length = cfg.max_length
+        self.max_length = max_length
 
     @classmethod
     def check_family(cls, family: str, config) -> None:
         """Raise UserError if this objective makes no sense for this kind of model (before weights load)."""
 
     @classmethod
-    def check(cls, backbone: Backbone, splits: Splits) -> None:
+    def check(cls, backbone: Backbone, task: Task) -> None:
         """Raise UserError if this objective cannot be trained on this backbone and data."""
 
     @property
@@ -77,8 +89,8 @@ class Objective(nn.Module):
 class LanguageModeling(Objective):
     """An objective that reuses the checkpoint's own LM head: its classes are the vocabulary."""
 
-    def __init__(self, backbone: Backbone, splits: Splits, cfg):
-        super().__init__(backbone, splits, cfg)
+    def __init__(self, backbone: Backbone, task: Task, max_length: int = 128):
+        super().__init__(backbone, task, max_length)
         self.vocab_size = backbone.model.get_output_embeddings().weight.shape[0]
 
     @property

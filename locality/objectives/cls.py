@@ -7,32 +7,44 @@ SSMs and RNNs.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torchmetrics
 from torch import nn
 
 from locality.backbones import Backbone, no_cache
-from locality.data.sources import Splits
 from locality.errors import UserError
-from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput
+from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput, Task
 from locality.pooling import pool
+
+POOLINGS = ("auto", "first", "last", "mean")
 
 
 class SequenceClassification(Objective):
     name = "cls"
     head_kind = "base"
 
-    def __init__(self, backbone: Backbone, splits: Splits, cfg):
-        super().__init__(backbone, splits, cfg)
-        self.pooling = FAMILY_POOLING[backbone.family] if cfg.pooling == "auto" else cfg.pooling
-        self.n_labels = splits.num_labels
-        self.head = nn.Sequential(
-            nn.Dropout(cfg.head_dropout), nn.Linear(backbone.hidden_size, self.n_labels)
-        )
+    def __init__(
+        self,
+        backbone: Backbone,
+        task: Task,
+        max_length: int = 64,
+        pooling: Literal["auto", "first", "last", "mean"] = "auto",
+        head_dropout: float = 0.1,
+    ):
+        super().__init__(backbone, task, max_length)
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r} is not one of: {', '.join(POOLINGS)}.")
+        if not 0 <= head_dropout < 1:
+            raise ValueError(f"head_dropout={head_dropout} must be in [0, 1).")
+        self.pooling = FAMILY_POOLING[backbone.family] if pooling == "auto" else pooling
+        self.n_labels = task.num_labels
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.hidden_size, self.n_labels))
 
     @classmethod
-    def check(cls, backbone: Backbone, splits: Splits) -> None:
-        if splits.num_labels < 2:
+    def check(cls, backbone: Backbone, task: Task) -> None:
+        if task.num_labels < 2:
             raise UserError(
                 "objective=cls needs a labelled dataset (data.label_field), e.g. data=stdlib_docs or "
                 "data=sst2; this dataset has no labels. Use objective=clm/mlm on unlabelled text."

@@ -7,18 +7,19 @@ from torch import nn
 from transformers import DataCollatorForLanguageModeling
 
 from locality.backbones import Backbone
-from locality.data.sources import Splits
 from locality.errors import UserError
-from locality.objectives.base import LanguageModeling, StepOutput
+from locality.objectives.base import LanguageModeling, StepOutput, Task
 
 
 class MaskedLM(LanguageModeling):
     name = "mlm"
     head_kind = "masked_lm"
 
-    def __init__(self, backbone: Backbone, splits: Splits, cfg):
-        super().__init__(backbone, splits, cfg)
-        self.masker = DataCollatorForLanguageModeling(self.tokenizer, mlm=True, mlm_probability=cfg.mask_prob)
+    def __init__(self, backbone: Backbone, task: Task, max_length: int = 128, mask_prob: float = 0.15):
+        super().__init__(backbone, task, max_length)
+        if not 0 < mask_prob < 1:
+            raise ValueError(f"mask_prob={mask_prob} must be in (0, 1).")
+        self.masker = DataCollatorForLanguageModeling(self.tokenizer, mlm=True, mlm_probability=mask_prob)
 
     @classmethod
     def check_family(cls, family: str, config) -> None:
@@ -29,7 +30,7 @@ class MaskedLM(LanguageModeling):
             )
 
     @classmethod
-    def check(cls, backbone: Backbone, splits: Splits) -> None:
+    def check(cls, backbone: Backbone, task: Task) -> None:
         if backbone.tokenizer.mask_token is None:
             raise UserError(
                 f"objective=mlm needs a mask token, but the tokenizer of '{backbone.name}' has none."

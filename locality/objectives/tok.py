@@ -11,22 +11,23 @@ import torch
 from torch import nn
 
 from locality.backbones import Backbone, no_cache
-from locality.data.sources import Splits
 from locality.data.wordclass import TAGS, tag_spans
 from locality.errors import UserError
-from locality.objectives.base import IGNORE, Objective, StepOutput
+from locality.objectives.base import IGNORE, Objective, StepOutput, Task
 
 
 class TokenClassification(Objective):
     name = "tok"
     head_kind = "base"
 
-    def __init__(self, backbone: Backbone, splits: Splits, cfg):
-        super().__init__(backbone, splits, cfg)
-        self.head = nn.Sequential(nn.Dropout(cfg.head_dropout), nn.Linear(backbone.hidden_size, len(TAGS)))
+    def __init__(self, backbone: Backbone, task: Task, max_length: int = 64, head_dropout: float = 0.1):
+        super().__init__(backbone, task, max_length)
+        if not 0 <= head_dropout < 1:
+            raise ValueError(f"head_dropout={head_dropout} must be in [0, 1).")
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.hidden_size, len(TAGS)))
 
     @classmethod
-    def check(cls, backbone: Backbone, splits: Splits) -> None:
+    def check(cls, backbone: Backbone, task: Task) -> None:
         if not backbone.tokenizer.is_fast:
             raise UserError(
                 f"objective=tok needs a fast tokenizer (offsets), but '{backbone.name}' has a slow one."

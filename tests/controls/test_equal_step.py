@@ -19,8 +19,8 @@ from equal_step_toy import CaptureLogger, RatioTracker, ToyModule, toy_loader
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
-from locality.controls import EqualStep, EqualStepCore, UpdateRatioMonitor
-from locality.controls.equal_step import collect_layers
+from locality.controls import EqualStep, EqualStepCore
+from locality.measure.update_ratios import UpdateRatioMonitor, collect_layers
 
 HERE = Path(__file__).parent
 

@@ -9,10 +9,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from locality.backbones import load_backbone
-from locality.config import ModelConf, ObjectiveConf, OptimConf, load_option
+from locality.config import ModelConf, load_option
 from locality.data.sources import load_builtin
 from locality.measure import (
     bootstrap_indices,
@@ -34,7 +35,7 @@ from locality.measure.capture import block_hooks, capture, capture_token_change,
 from locality.measure.init_distance import fit_linear_probe, objective_distance, target_nll
 from locality.measure.weights import snapshot_blocks, snapshot_parameters
 from locality.module import LocalityModule
-from locality.objectives import objective_class
+from locality.objectives import Task, build_objective, objective_class
 
 DEPTH = [i / 6 for i in range(7)]
 
@@ -379,10 +380,14 @@ def splits():
 
 def _module(preset, objective, splits):
     torch.manual_seed(0)
-    cls = objective_class(objective)
+    cls = objective_class(load_option("objective", objective), "decoder")
     backbone = load_backbone(_spec(preset), head=cls.head_kind)
-    head = cls(backbone, splits, OmegaConf.structured(ObjectiveConf(name=objective, max_length=32)))
-    return LocalityModule(backbone, head, OmegaConf.structured(OptimConf())), head
+    head = build_objective(
+        OmegaConf.merge(load_option("objective", objective), {"max_length": 32}),
+        backbone,
+        Task(tuple(splits.label_names)),
+    )
+    return LocalityModule(backbone, head, instantiate(load_option("optim", "adamw"))), head
 
 
 def test_lm_kl_is_the_cross_entropy_of_the_pretrained_head(splits):
