@@ -2,8 +2,9 @@
 
 PATH is a run dir, a sweep dir, or a glob. Writes to --out (default: analysis/ under the first PATH):
 runs.csv and layers.csv (tidy tables), tables/*.csv (the paper's tables: headline, equal_step_survival,
-steepness_vs_distance, width_variance, step0_prediction), figures/*.png and summary.md (the tables in
-markdown, plus failed, incomplete, unreadable and missing planned runs). `--wandb` also logs the tables and
+steepness_vs_distance, width_variance, step0_prediction; with LP-FT runs head_energy and head_energy_trend),
+figures/*.png (and per run, where recorded, figures/cross_layer/<run>.png and figures/drop_top/<run>.png)
+and summary.md (the tables in markdown, plus failed, incomplete, unreadable and missing planned runs). `--wandb` also logs the tables and
 figures to one analysis run in the sweep's W&B group (offline unless configured).
 """
 
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         "width_variance": tables.width_variance(runs, metric),
         "step0_prediction": tables.step0_prediction(runs, metric, ci=ci),
     }
+    energy_runs = tables.head_energy_runs(found.results)
+    if not energy_runs.empty:
+        paper_tables["head_energy"] = energy_runs
+        paper_tables["head_energy_trend"] = tables.head_energy_trend(energy_runs, ci=ci)
     for name, table in paper_tables.items():
         table.to_csv(out / "tables" / f"{name}.csv", index=False)
     rho = paper_tables["steepness_vs_distance"]
@@ -93,13 +98,21 @@ def main(argv: list[str] | None = None) -> int:
         figures.steepness_scatter(runs, metric, out, rho_all),
         figures.dynamics_figure(dynamics, metric, out),
     ]
+    if not energy_runs.empty:
+        made.append(figures.head_energy_figure(energy_runs, paper_tables["head_energy_trend"], out))
+    per_run = [
+        f(r, out) for r in found.results for f in (figures.cross_layer_figure, figures.drop_top_figure)
+    ]
     made = [m for m in made if m is not None]
+    per_run = [m for m in per_run if m is not None]
     summary = summary_markdown(runs, metric, paper_tables, found, missing_planned(args.paths, found))
     (out / "summary.md").write_text(summary)
     print(summary)
     print(
         f"{len(found.results)} runs -> {out}: runs.csv, layers.csv, tables/ ({len(paper_tables)}), "
-        f"figures/ ({', '.join(f.name for f in made)}), summary.md"
+        f"figures/ ({', '.join(f.name for f in made)}"
+        + (f"; {len(per_run)} per-run figures in cross_layer/, drop_top/" if per_run else "")
+        + "), summary.md"
     )
     if args.wandb:
         log_to_wandb(out, paper_tables, made, runs)

@@ -188,6 +188,7 @@ def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
         "measure.pooling": (cfg.measure.pooling, POOLINGS),
         "measure.ci_method": (cfg.measure.ci_method, ("basic", "percentile")),
         "measure.plugin_ci": (cfg.measure.plugin_ci, ("jackknife", "bootstrap")),
+        "measure.cross_layer_pooling": (cfg.measure.cross_layer_pooling, ("tokens", "pooled")),
         "data.source": (cfg.data.source, ("builtin", "hub")),
     }
 

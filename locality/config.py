@@ -127,6 +127,7 @@ class MeasureConf:
     cache: bool = True  # reuse the pre-fine-tuning capture across runs
     update_ratios: bool = True  # log per-block ||dW||/||W|| every step in runs without equal_step
     cross_layer: bool = False  # (L+1)x(L+1) CKA matrices (Phang et al. 2021)
+    cross_layer_pooling: str = "tokens"  # tokens (token_positions per probe sequence) | pooled (as `pooling`)
     drop_top_k: int = 0  # evaluate with the top k = 0..K blocks removed after training
 
 

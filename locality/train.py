@@ -1,9 +1,10 @@
 """One fine-tuning run: `python -m locality.train [overrides]` (Hydra; `-m` sweeps).
 
 Read top to bottom: resolve the run directory, load the data and then the backbone, build the objective,
-controls and trainer, measure before training, train, measure after training, write results.json last.
-Measurement runs where training runs (the trainer's device and precision); in a multi-process run every
-rank trains and measures, and rank zero alone writes files and prints.
+controls, measurement and trainer, fit, validate, write results.json last. Measurement is a callback
+(`locality.measure.callback`): before training on the pretrained weights, after it on the fine-tuned ones,
+where training runs (the trainer's device and precision); in a multi-process run every rank trains and
+measures, and rank zero alone writes files and prints.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
 from locality.faults import storage_error
 from locality.identity import config_hash, control_name, setting_hash
 from locality.loggers import RunInfo, finish_wandb
+from locality.measure.callback import ProfileMeasurement
 from locality.measure.cross_layer import save_cross_layer
 from locality.measure.depth import DepthProfiler
 from locality.measure.drop_top import evaluate_dropping_top
@@ -135,18 +137,16 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         info = RunInfo(run_dir, cfg.run_name, to_plain(cfg), sweep, control_name(cfg.control), tags)
         logger = instantiate_component(cfg.logger, "logger", info=info)
     run_state = RunState(started)  # RNG states, wall time and resumes, kept in the checkpoint
+    measurement = ProfileMeasurement(profiler)  # before training and after it, on the training device
     callbacks = [
         *controls,
         *filter(None, [profiler.dynamics_callback(), ratio_monitor(cfg.measure, controls)]),
+        measurement,
         run_state,
     ]
     trainer = attempt.trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
-    profiler.before_training(module, trainer)  # on the trainer's device, in its precision
     trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
     final = trainer.validate(module, datamodule=data, verbose=False)[0]
-    monitor = next((c for c in callbacks if isinstance(c, UpdateRatioMonitor)), None)
-    if monitor is not None and monitor.steps:  # the first steps' update ratios, beside the step-0 gradients
-        profiler.record_first_updates(monitor.first_update_ratios())
 
     results = {
         "schema": SCHEMA,
@@ -173,7 +173,7 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         "measure": {
             key: to_plain(cfg.measure[key]) for key in ("n_probe", "pooling", "ci", "ci_method", "n_boot")
         },
-        **profiler.after_training(module, trainer),
+        **measurement.results,
         "init": profiler.init,
         "final": {key.removeprefix("val/"): float(value) for key, value in final.items()},
         "controls": {control.name: control.summary() for control in controls},

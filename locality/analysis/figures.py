@@ -5,6 +5,10 @@
 - `slope_forest`: every run's slope with its CI, one row per configuration (its seeds side by side).
 - `steepness_scatter`: steepness vs the training-free objective distance, with Spearman's rho.
 - `dynamics_figure`: the slope vs training step, for runs that recorded dynamics.
+- `head_energy_figure` (Ren et al. 2023): the four feature-adaptation metrics vs the energy at LP-FT's
+  switch, at the last layer and summed over layers, one point per run.
+- `cross_layer_figure`, `drop_top_figure` (Phang et al. 2021), one per run: the cross-layer CKA heatmaps
+  (pretrained, fine-tuned, difference) and the task metrics vs the number of dropped top blocks.
 """
 
 from __future__ import annotations
@@ -196,3 +200,94 @@ def dynamics_figure(dynamics: pd.DataFrame, metric: str, out: Path) -> Path | No
     ax.legend(fontsize=7)
     ax.grid(alpha=0.25)
     return _save(fig, out / "figures" / f"dynamics_{metric}.png")
+
+
+HEAD_ENERGY_LABELS = {
+    "euclidean": "Euclidean distance ‖z_T − z_0‖",
+    "cosine": "cosine distance 1 − cos(z_0, z_T)",
+    "dot": "dot product ⟨z_0, z_T⟩",
+    "norm": "final feature norm ‖z_T‖",
+}
+
+
+def head_energy_figure(energy_runs: pd.DataFrame, trend: pd.DataFrame, out: Path) -> Path | None:
+    """2 x 4 panels: each feature metric vs energy, at the last layer (top) and summed over layers (bottom);
+    colour = label smoothing, the number beside each point = probing steps; titles carry Spearman's rho."""
+    if energy_runs.empty:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 4, figsize=(15, 6.4), layout="constrained")
+    smoothings = sorted(energy_runs.label_smoothing.fillna(0).unique())
+    for col, (metric, name) in enumerate(HEAD_ENERGY_LABELS.items()):
+        for row, where in enumerate(("last", "sum")):
+            ax = axes[row, col]
+            for i, ls in enumerate(smoothings):
+                cell = energy_runs[energy_runs.label_smoothing.fillna(0) == ls]
+                ax.scatter(
+                    cell.energy, cell[f"{metric}_{where}"], s=28, color=f"C{i}", label=f"smoothing {ls:g}"
+                )
+                for _, run in cell.iterrows():
+                    ax.annotate(
+                        f"{run.probe_steps:g}",
+                        (run.energy, run[f"{metric}_{where}"]),
+                        fontsize=6,
+                        xytext=(3, 2),
+                        textcoords="offset points",
+                    )
+            stats = trend[(trend.metric == metric) & (trend["where"] == where)]
+            rho = ", ".join(f"ρ={t.rho:+.2f} ({t.shape})" for t in stats.itertuples() if np.isfinite(t.rho))
+            ax.set_title(
+                f"{'last layer' if where == 'last' else 'sum over layers'}: {rho or 'ρ n/a'}", fontsize=8
+            )
+            ax.set_ylabel(name + ("" if where == "last" else ", summed"), fontsize=8)
+            ax.set_xlabel("energy at the switch: mean ‖e_y − p(x)‖", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.25)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(
+        "Feature adaptation vs head energy (Ren et al. 2023; paper: distances grow with energy, dot product "
+        "and norm rise then fall). Numbers: probing steps",
+        fontsize=10,
+    )
+    return _save(fig, out / "figures" / "head_energy.png")
+
+
+def cross_layer_figure(result: dict, out: Path) -> Path | None:
+    """figures/cross_layer/<run>.png from results.json["cross_layer"] (`measure.cross_layer=true`)."""
+    from locality.measure.cross_layer import cross_layer_heatmap, rows_label
+
+    matrices = result.get("cross_layer")
+    if not matrices:
+        return None
+    name = result["run"]["name"]
+    return cross_layer_heatmap(
+        matrices,
+        out / "figures" / "cross_layer" / f"{name}.png",
+        title=f"Cross-layer linear CKA of {name}, over {rows_label(matrices)}",
+        layers=result.get("layers"),
+    )
+
+
+def drop_top_figure(result: dict, out: Path) -> Path | None:
+    """figures/drop_top/<run>.png from results.json["drop_top_k"]: validation metrics vs dropped top blocks."""
+    rows = result.get("drop_top_k")
+    if not rows:
+        return None
+    plt = _pyplot()
+    data = pd.DataFrame(rows).sort_values("k")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), layout="constrained")
+    scores = [c for c in data.columns if c not in ("k", "loss")]
+    for i, column in enumerate(scores):
+        ax.plot(data.k, data[column], marker="o", color=f"C{i}", label=column)
+    ax.set_xlabel("top blocks dropped (k; no retraining, same head)", fontsize=8)
+    ax.set_ylabel("validation " + " / ".join(scores), fontsize=8)
+    ax.set_xticks(data.k)
+    ax.grid(alpha=0.25)
+    if "loss" in data:
+        twin = ax.twinx()
+        twin.plot(data.k, data.loss, ls="--", marker="x", color="grey", label="loss")
+        twin.set_ylabel("validation loss (dashed)", fontsize=8)
+    ax.legend(fontsize=7, loc="center left")
+    n = result["run"].get("n_layers")
+    ax.set_title(f"Dropping top blocks of {result['run']['name']} ({n} blocks)", fontsize=8)
+    return _save(fig, out / "figures" / "drop_top" / f"{result['run']['name']}.png")

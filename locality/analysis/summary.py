@@ -115,6 +115,8 @@ def summary_markdown(
     for key, title in titles.items():
         if key in tables:
             lines += [f"## {title}", "", markdown_table(tables[key]), ""]
+    if "head_energy" in tables and "head_energy_trend" in tables:
+        lines += head_energy_section(tables["head_energy"], tables["head_energy_trend"])
     lines += [
         "## Slope per setting",
         "",
@@ -126,3 +128,53 @@ def summary_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def head_energy_verdict(model: str, runs: pd.DataFrame, trend: pd.DataFrame) -> str:
+    """One sentence: does this model show Ren et al.'s trend at the last layer?"""
+    last = trend[(trend.model == model) & (trend["where"] == "last")].set_index("metric")
+    if last.empty or (last.agrees == "-").all():
+        return f"**{model}**: too few runs with distinct energies to tell (need 4)."
+    parts = []
+    for metric, row in last.iterrows():
+        ci = "" if pd.isna(row["rho_lo"]) else f" [{row['rho_lo']:+.2f}, {row['rho_hi']:+.2f}]"
+        peak = f", peak at energy {row['peak_energy']:.3f}" if pd.notna(row["peak_energy"]) else ""
+        parts.append(f"{metric} ρ = {row['rho']:+.2f}{ci} ({row['shape']}{peak}; paper: {row['paper']})")
+    strong = last.agrees == "yes"
+    weak = last.agrees.isin(["yes", "direction only"])
+    if strong.all():
+        verdict = "yes"
+    elif weak.all():
+        verdict = "in direction only (a distance's rank correlation has a CI that includes zero)"
+    else:
+        verdict = "partly" if weak.any() else "no"
+    energy = runs[runs.model == model].energy
+    return (
+        f"**{model}** ({len(energy)} runs, energy {energy.min():.3f} to {energy.max():.3f}): "
+        + "; ".join(parts)
+        + f". Shows the paper's trend at the last layer: **{verdict}** "
+        f"({int(strong.sum())} of {len(last)} metrics agree, {int(weak.sum())} at least in direction)."
+    )
+
+
+def head_energy_section(runs: pd.DataFrame, trend: pd.DataFrame) -> list[str]:
+    """Ren et al. 2023: the LP-FT runs' energy and feature metrics, the trend table and a verdict per model."""
+    shown = ["name", "probe_steps", "label_smoothing", "energy", "energy_acc"]
+    shown += [f"{m}_last" for m in ("euclidean", "cosine", "dot", "norm")]
+    lines = [
+        "## Head energy and feature adaptation (Ren et al. 2023)",
+        "",
+        "Energy = mean ‖e_y − p(x)‖ over fixed training examples at LP-FT's switch to full fine-tuning. "
+        "Feature metrics are means over the probe set between the pretrained (z_0) and fine-tuned (z_T) "
+        "features; `_last` = the last layer (with measure.pooling=first on an encoder, the head's input), "
+        "`_sum` (tables/head_energy.csv) = summed over every layer. The paper: as energy grows, Euclidean and "
+        "cosine distance grow, while the dot product and the final norm first rise, then fall (shape from a "
+        "quadratic fit: a peak inside the observed energies).",
+        "",
+        markdown_table(runs[shown]),
+        "",
+        markdown_table(trend),
+        "",
+    ]
+    lines += [head_energy_verdict(model, runs, trend) for model in sorted(runs.model.unique())] + [""]
+    return lines

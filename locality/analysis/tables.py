@@ -11,6 +11,11 @@
 - `step0_prediction`: does the profile at step 0 predict the trained one? Spearman rho across runs between
   the trained slope and the step-0 gradient profile's slope (and the first steps' update-ratio slope where
   recorded), with bootstrap CIs, per control.
+- `head_energy_runs` / `head_energy_trend` (Ren et al. 2023, LP-FT runs): per run the energy at the switch
+  and the four feature-adaptation metrics (at the last layer and summed over all layers); per metric the
+  Spearman rho against energy and the shape of the relation (increasing, decreasing, rise then fall, ...),
+  judged against the paper's trend: distances grow with energy, dot product and feature norm first rise
+  and then fall.
 
 Statistics come from scipy and statsmodels; rank correlations get a percentile bootstrap over runs (seeded).
 """
@@ -189,3 +194,85 @@ def step0_prediction(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.Da
     return pd.DataFrame(
         rows, columns=["metric", "control", "predictor", "n", "rho", "p_value", "rho_lo", "rho_hi"]
     )
+
+
+# Ren et al. 2023: feature metric -> the paper's trend against energy
+HEAD_ENERGY_TREND = {
+    "euclidean": "increasing",
+    "cosine": "increasing",
+    "dot": "rise then fall",
+    "norm": "rise then fall",
+}
+HEAD_ENERGY_COLUMNS = ["probe_steps", "label_smoothing", "temperature", "switch_step"]
+
+
+def head_energy_runs(results: list[dict]) -> pd.DataFrame:
+    """One row per LP-FT run with an energy at the switch: the energy (mean ||e_y - p||, loss, accuracy),
+    init.energy (the random head at step 0) and, per Ren et al. feature metric m, `m_last` (the last layer:
+    with pooling=first on an encoder, the head's input z) and `m_sum` (summed over every layer, 0..L)."""
+    rows = []
+    for r in results:
+        lp = (r.get("controls") or {}).get("lp_ft") or {}
+        features = r.get("features") or {}
+        if lp.get("energy") is None or not all(features.get(m) for m in HEAD_ENERGY_TREND):
+            continue
+        run = r["run"]
+        row = {"name": run["name"], "model": run.get("model"), "objective": run.get("objective")}
+        row.update({k: lp.get(k) for k in HEAD_ENERGY_COLUMNS})
+        row.update({k: lp.get(k) for k in ("energy", "energy_loss", "energy_acc")})
+        row["init_energy"] = (r.get("init") or {}).get("energy")
+        row["final_acc"] = (r.get("final") or {}).get("acc")
+        for m in HEAD_ENERGY_TREND:
+            values = np.asarray(features[m], dtype=float)
+            row[f"{m}_last"], row[f"{m}_sum"] = float(values[-1]), float(np.nansum(values))
+        rows.append(row)
+    columns = ["name", "model", "objective", *HEAD_ENERGY_COLUMNS, "energy", "energy_loss", "energy_acc"]
+    columns += ["init_energy", "final_acc", *(f"{m}_{w}" for m in HEAD_ENERGY_TREND for w in ("last", "sum"))]
+    return pd.DataFrame(rows, columns=columns).sort_values(["model", "energy"], ignore_index=True)
+
+
+def trend_shape(x: pd.Series, y: pd.Series) -> tuple[str, float]:
+    """(shape, peak): the sign of the curvature of a quadratic fit of y on x, when its vertex lies strictly
+    inside the observed x range ("rise then fall" / "fall then rise", peak = the vertex), else the direction
+    of the monotone trend ("increasing" / "decreasing" by Spearman rho, peak NaN). "-" with < 4 distinct x."""
+    pairs = pd.DataFrame({"x": x, "y": y}).dropna()
+    if pairs.x.nunique() < 4:
+        return "-", math.nan
+    c, b, _ = np.polyfit(pairs.x, pairs.y, 2)
+    vertex = -b / (2 * c) if c != 0 else math.nan
+    if np.isfinite(vertex) and pairs.x.min() < vertex < pairs.x.max():
+        return ("rise then fall" if c < 0 else "fall then rise"), float(vertex)
+    rho = stats.spearmanr(pairs.x, pairs.y).statistic
+    return ("increasing" if rho > 0 else "decreasing"), math.nan
+
+
+def head_energy_trend(energy_runs: pd.DataFrame, ci: float = 0.95, n_boot: int = N_BOOT) -> pd.DataFrame:
+    """Per model, feature metric and where (last layer | sum over layers): Spearman rho of the metric vs the
+    energy at the switch (bootstrap CI over runs), the shape of the relation, and whether it agrees with the
+    paper (`_agrees`: distances increase with energy; dot product and norm rise then fall)."""
+    columns = ["model", "metric", "where", "paper", "n", "rho", "p_value", "rho_lo", "rho_hi"]
+    columns += ["shape", "peak_energy", "agrees"]
+    rows = []
+    for model, group in energy_runs.groupby("model"):
+        for metric, paper in HEAD_ENERGY_TREND.items():
+            for where in ("last", "sum"):
+                y = group[f"{metric}_{where}"]
+                shape, peak = trend_shape(group.energy, y)
+                rho = spearman_with_ci(group.energy, y, ci=ci, n_boot=n_boot)
+                row = {"model": model, "metric": metric, "where": where, "paper": paper, **rho}
+                rows.append(
+                    {**row, "shape": shape, "peak_energy": peak, "agrees": _agrees(paper, shape, rho)}
+                )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _agrees(paper: str, shape: str, rho: dict) -> str:
+    """Increasing: "yes" when rho > 0 with its CI above zero, "direction only" when rho > 0 alone. Rise then
+    fall: "yes" when the fitted shape is. "-" when there are too few runs to tell."""
+    if shape == "-" or not np.isfinite(rho["rho"]):
+        return "-"
+    if paper == "increasing":
+        if rho["rho"] > 0:
+            return "yes" if rho["rho_lo"] > 0 else "direction only"
+        return "no"
+    return "yes" if shape == paper else "no"

@@ -18,6 +18,7 @@ from locality.measure.profile import (
 )
 from locality.measure.similarity import (
     CHANGE_METRICS,
+    FEATURE_ADAPTATION,
     FEATURE_METRICS,
     MEASURE_METRICS,
     METRICS,
@@ -28,7 +29,9 @@ from locality.measure.similarity import (
     cka_matrix,
     cosine_distance,
     euclidean_distance,
+    feature_adaptation,
     feature_dot,
+    feature_norm,
     jackknife_changes,
     jackknife_groups,
     layer_changes,
@@ -41,6 +44,7 @@ from locality.measure.similarity import (
 
 __all__ = [
     "CHANGE_METRICS",
+    "FEATURE_ADAPTATION",
     "FEATURE_METRICS",
     "MEASURE_METRICS",
     "METRICS",
@@ -51,7 +55,9 @@ __all__ = [
     "cka_matrix",
     "cosine_distance",
     "euclidean_distance",
+    "feature_adaptation",
     "feature_dot",
+    "feature_norm",
     "interval_method",
     "jackknife_changes",
     "jackknife_groups",

@@ -16,6 +16,11 @@ dict shaped like results.json's "depth", "change", "profile" and "init" keys:
   ci_method, ci_level, ci_note, slope_jackknife). The interval's method per metric comes from
   `interval_method`: the bootstrap, a delete-a-group jackknife for the plug-in metrics when d <= n/4,
   none (with a warning and ci_note) above.
+- features: Ren et al. 2023's feature adaptation per layer (`feature_adaptation`: euclidean, cosine, dot,
+  norm, norm_ratio), point estimates from the same pre- and post-capture.
+- cross_layer (`measure.cross_layer`): layer x layer CKA of the pretrained and fine-tuned model, over
+  `token_positions` random non-pad tokens per probe sequence (an extra capture before and after training,
+  `cross_layer_pooling=tokens`) or the pooled features (`pooled`).
 - init: `objective_distance`, with kl / kl_norm (a linear probe on frozen features for new heads,
   fitted on the first `measure.kl_probe_train` training examples, evaluated on the validation split).
 """
@@ -41,16 +46,16 @@ from locality.measure.capture import (
 from locality.measure.init_distance import objective_distance
 from locality.measure.profile import interval_method, ols_slope, profile_stats
 from locality.measure.similarity import (
+    FEATURE_METRICS,
     TOKEN_METRICS,
     cka_matrix,
+    feature_adaptation,
     jackknife_changes,
     layer_changes,
     token_change,
 )
 from locality.measure.weights import snapshot_blocks, snapshot_parameters, weight_rel
 from locality.paths import cache_dir
-
-FEATURE_STATS = ("dot", "norm_ratio")  # Ren et al. 2023 feature statistics; not "change" metrics
 
 
 class DepthProfiler:
@@ -60,6 +65,7 @@ class DepthProfiler:
         self.data = datamodule
         self.seed = seed
         self.pre: list[torch.Tensor] | None = None
+        self.cross_pre: list[torch.Tensor] | None = None  # cross-layer CKA rows, when not `pre`'s
         self.reference: list[dict] | None = None
         self.pretrained: dict[str, torch.Tensor] | None = None  # the base model's weights, for cosine_tokens
         self.init: dict = {}
@@ -79,12 +85,12 @@ class DepthProfiler:
         n = self.backbone.n_layers
         return [layer / n for layer in range(n + 1)]
 
-    def _capture(self, context=nullcontext) -> list[torch.Tensor]:
+    def _capture(self, context=nullcontext, pooling: str | None = None) -> list[torch.Tensor]:
         return capture(
             self.backbone.base,
             self.backbone.blocks,
             self.data.probe_dataloader(),
-            pooling=self.cfg.pooling,
+            pooling=pooling or self.cfg.pooling,
             k_tokens=self.cfg.token_positions,
             seed=self.seed,
             forward_context=context,
@@ -125,6 +131,8 @@ class DepthProfiler:
             self.pre = self._capture(context)
             if self.cfg.cache:
                 save_cached(path, self.pre)
+        if self._cross_layer_tokens:
+            self.cross_pre = self._capture(context, pooling="tokens")
         self.timings["pre_capture_s"] = time.perf_counter() - start
         if "cosine_tokens" in self.cfg.metrics:
             self.pretrained = snapshot_parameters(self.backbone.base)
@@ -138,6 +146,13 @@ class DepthProfiler:
         self.timings["init_s"] = time.perf_counter() - start
         grad = self.init["grad_rel"]
         self.init["grad_rel_slope"] = _slope_over_blocks(grad)
+
+    @property
+    def _cross_layer_tokens(self) -> bool:
+        """Cross-layer CKA over sampled tokens needs its own capture unless the profile already pools tokens."""
+        return (
+            self.cfg.cross_layer and self.cfg.cross_layer_pooling == "tokens" and self.cfg.pooling != "tokens"
+        )
 
     def record_first_updates(self, ratios: list[list[float]]) -> None:
         """init.update_rel: the blocks' update ratios ||ΔW_l||/||W_l|| of the first optimizer steps (one list
@@ -183,7 +198,7 @@ class DepthProfiler:
             post = self._capture(context)
         self.timings["post_capture_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        change_metrics = [m for m in self.cfg.metrics if m not in FEATURE_STATS]
+        change_metrics = [m for m in self.cfg.metrics if m not in FEATURE_METRICS]
         pooled = [m for m in change_metrics if m not in TOKEN_METRICS]
         n_rows, dim = self.pre[0].shape[0], max(f.shape[1] for f in self.pre)
         plans = {
@@ -194,7 +209,7 @@ class DepthProfiler:
         changes = layer_changes(
             self.pre,
             post,
-            metrics=pooled + list(FEATURE_STATS),
+            metrics=pooled,
             n_boot=self.cfg.n_boot,
             seed=self.seed,
             groups=self.groups,
@@ -250,13 +265,22 @@ class DepthProfiler:
             "depth": self.depth,
             "change": change,
             "profile": profile,
-            "features": {m: changes[m].values for m in FEATURE_STATS},
+            "features": feature_adaptation(self.pre, post),
         }
         if self.cfg.cross_layer:
+            start = time.perf_counter()
+            pre, post = (
+                (self.cross_pre, self._capture(context, pooling="tokens"))
+                if self._cross_layer_tokens
+                else (self.pre, post)
+            )
             result["cross_layer"] = {
-                "pretrained": cka_matrix(self.pre).tolist(),
+                "pooling": "tokens" if self._cross_layer_tokens else self.cfg.pooling,
+                "n_rows": int(pre[0].shape[0]),
+                "pretrained": cka_matrix(pre).tolist(),
                 "finetuned": cka_matrix(post).tolist(),
             }
+            self.timings["cross_layer_s"] = time.perf_counter() - start
         if self.history:
             result["dynamics"] = self.history
         return result

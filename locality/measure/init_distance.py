@@ -1,8 +1,9 @@
 """Training-free objective distance: how far the objective is from what the model already does, at step 0.
 
 Measured before any update, in eval mode (no dropout):
-- the objective's loss and task accuracy (the "energy" available for feature change, Ren et al. 2023), on
-  a fixed set of training batches;
+- the objective's loss and task accuracy on a fixed set of training batches, and for objectives with a new
+  head (cls, tok) the random head's `energy` = mean ||e_y - p(x)||_2 (Ren et al. 2023;
+  `locality.measure.head_energy`) from the same forward passes (None for LM objectives);
 - the per-block relative gradient magnitude ||g_l|| / ||W_l|| on the same batches — the gradient-flow
   profile that the equal-step control removes;
 - the paper's distance, `kl` = KL(target distribution || pretrained predictive distribution) in nats,
@@ -30,6 +31,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
+from locality.measure.head_energy import head_energy, scored_rows
 from locality.measure.similarity import _single_threaded_torch
 from locality.objectives.base import IGNORE
 
@@ -44,8 +46,8 @@ def objective_distance(
     probe_train: list[dict] | None = None,
     probe_eval: list[dict] | None = None,
 ) -> dict:
-    """{"loss", "<metric>"..., "kl", "kl_norm", "kl_source", "kl_n", "grad_rel": [per block]} at the
-    module's current weights; grads are cleared after.
+    """{"loss", "<metric>"..., "energy", "kl", "kl_norm", "kl_source", "kl_n", "grad_rel": [per block]} at
+    the module's current weights; grads are cleared after.
 
     LM objectives: kl over the scored tokens of `batches`. Objectives with a new head: kl of a linear probe
     fitted on `probe_train` batches and evaluated on `probe_eval` batches (both needed; else kl is None).
@@ -57,15 +59,25 @@ def objective_distance(
     module.zero_grad(set_to_none=True)
     metrics = module.objective.metrics().to(module.device)
     lm = getattr(module.objective, "head_kind", "base") in LM_HEADS
+    head = getattr(module.objective, "head", None)
     total, nll, scored, n_classes = 0.0, 0.0, 0, None
+    head_logits, head_targets = [], []
     try:
         for batch in batches:
             batch = {k: v.to(module.device) for k, v in batch.items()}
-            with _last_logits(module.model if lm else None) as logits, forward_context():
+            with (
+                _last_logits(module.model if lm else None) as logits,
+                _last_logits(head) as head_out,
+                forward_context(),
+            ):
                 out = module(batch)
             (out.loss.float() / len(batches)).backward()
             total += float(out.loss.detach())
             metrics.update(out.preds, out.target)
+            if head_out:
+                z, y = scored_rows(head_out[-1], out.target)
+                head_logits.append(z.cpu())
+                head_targets.append(y.cpu())
             if lm:
                 batch_nll, batch_scored = target_nll(
                     logits[-1], out.target, shift=module.objective.head_kind == "causal_lm"
@@ -73,6 +85,9 @@ def objective_distance(
                 nll, scored, n_classes = nll + batch_nll, scored + batch_scored, logits[-1].shape[-1]
         result = {"loss": total / len(batches), **{k: float(v) for k, v in metrics.compute().items()}}
         result["grad_rel"] = [_grad_rel(block) for block in module.blocks]
+        result["energy"] = (
+            head_energy(torch.cat(head_logits), torch.cat(head_targets)) if head_logits else None
+        )
     finally:
         module.zero_grad(set_to_none=True)
         module.train(model_mode)
@@ -261,14 +276,15 @@ def _kl(kl: float, n_classes: int | None, source: str, n: int) -> dict:
 
 @contextmanager
 def _last_logits(model: nn.Module | None):
-    """Collect the `.logits` of `model`'s forward outputs into a list (detached); nothing when model is None."""
+    """Collect `model`'s forward outputs (a tensor, or their `.logits`) into a list (detached); nothing when model
+    is None."""
     store: list[torch.Tensor] = []
     if model is None:
         yield store
         return
 
     def hook(_, __, output):
-        logits = getattr(output, "logits", None)
+        logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
         if logits is None and isinstance(output, tuple | list):
             logits = output[0]
         store.append(logits.detach())

@@ -28,14 +28,17 @@ import torch
 Features = torch.Tensor | np.ndarray
 
 CHANGE_METRICS = ("cosine", "cka_linear", "cka_debiased", "procrustes", "euclidean")
-FEATURE_METRICS = ("dot", "norm_ratio")  # Ren et al. 2023 feature statistics, not oriented as change
+FEATURE_METRICS = ("dot", "norm", "norm_ratio")  # Ren et al. 2023 feature statistics, not oriented as change
 METRICS = CHANGE_METRICS + FEATURE_METRICS  # what `layer_changes` computes from pooled features
 TOKEN_METRICS = (
     "cosine_tokens",
 )  # from per-token states during capture (`token_change`), not pooled features
 MEASURE_METRICS = METRICS + TOKEN_METRICS  # every name `measure.metrics` accepts
 PLUGIN_METRICS = ("cka_linear", "procrustes")  # plug-in statistics biased by O(d/n): jackknife intervals
-_ROWWISE = ("cosine", "euclidean", "dot", "norm_ratio")
+_ROWWISE = ("cosine", "euclidean", "dot", "norm", "norm_ratio")
+# Ren et al. 2023's feature adaptation, per layer (`feature_adaptation`): ||z_T - z_0||, 1 - cos, <z_0, z_T>,
+# ||z_T||, and ||z_T|| / ||z_0||
+FEATURE_ADAPTATION = ("euclidean", "cosine", "dot", "norm", "norm_ratio")
 _EPS = torch.finfo(torch.float64).eps
 _TINY = torch.finfo(torch.float64).tiny  # safe denominators: features may be tiny, never clamp them to eps
 _LAYER_MEMORY = 4 * 2**30  # bytes of float64 [n, n] work matrices that parallel layers may hold at once
@@ -179,6 +182,8 @@ def _rowwise(metric: str, X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     if metric == "dot":
         return (X * Y).sum(1)
     nx, ny = X.norm(dim=1), Y.norm(dim=1)
+    if metric == "norm":
+        return ny
     if metric == "norm_ratio":
         return torch.where(nx > 0, ny / nx.clamp(min=_TINY), torch.nan)
     if metric == "cosine":
@@ -206,6 +211,21 @@ def euclidean_distance(X: Features, Y: Features) -> float:
 def feature_dot(X: Features, Y: Features) -> float:
     """Mean over rows of <x_i, y_i> (Ren et al. 2023)."""
     return _nanmean(_rowwise("dot", *_pair(X, Y, same_shape=True)))
+
+
+def feature_norm(X: Features, Y: Features) -> float:
+    """Mean over rows of ||y_i||, the final feature norm ||z_T|| with Y = after (Ren et al. 2023); X only pairs."""
+    return _nanmean(_rowwise("norm", *_pair(X, Y, same_shape=True)))
+
+
+def feature_adaptation(pre: Sequence[Features], post: Sequence[Features]) -> dict[str, list[float]]:
+    """Ren et al. 2023's feature-adaptation metrics per layer, means over probe examples (point estimates):
+    {"euclidean": ||z_T - z_0||, "cosine": 1 - cos(z_0, z_T), "dot": <z_0, z_T>, "norm": ||z_T||,
+    "norm_ratio": ||z_T|| / ||z_0||}; pre / post: per-layer [n, d] features before / after fine-tuning."""
+    if len(pre) != len(post):
+        raise ValueError(f"pre and post must have the same layers, got {len(pre)} and {len(post)}")
+    pairs = [_pair(x, y, same_shape=True) for x, y in zip(pre, post, strict=True)]
+    return {m: [_nanmean(_rowwise(m, x, y)) for x, y in pairs] for m in FEATURE_ADAPTATION}
 
 
 def norm_ratio(X: Features, Y: Features) -> float:

@@ -1,4 +1,4 @@
-"""Sequence classification with a new linear head on pooled final hidden states.
+"""Sequence classification with a new head (linear, or a two-layer MLP: `head=mlp`) on pooled final states.
 
 Pooling follows the family unless `objective.pooling` says otherwise: the first token for encoders
 ([CLS]), the last non-pad token for decoders (the only one that has seen the whole text), the mean for
@@ -19,6 +19,22 @@ from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput, Task
 from locality.pooling import pool
 
 POOLINGS = ("auto", "first", "last", "mean")
+HEADS = ("linear", "mlp")
+
+
+def build_head(kind: str, d_in: int, n_out: int, dropout: float, hidden: int | None = None) -> nn.Sequential:
+    """linear: dropout, Linear(d_in, n_out). mlp (Ren et al. 2023's MLP head): dropout, Linear(d_in, hidden),
+    GELU, dropout, Linear(hidden, n_out); hidden defaults to d_in. The last module is always the output layer."""
+    if kind not in HEADS:
+        raise ValueError(f"head={kind!r} is not one of: {', '.join(HEADS)}.")
+    if hidden is not None and hidden < 1:
+        raise ValueError(f"head_hidden={hidden} must be >= 1 (or null: the hidden size).")
+    if kind == "linear":
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(d_in, n_out))
+    hidden = hidden or d_in
+    return nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(d_in, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, n_out)
+    )
 
 
 class SequenceClassification(Objective):
@@ -32,6 +48,8 @@ class SequenceClassification(Objective):
         max_length: int = 64,
         pooling: Literal["auto", "first", "last", "mean"] = "auto",
         head_dropout: float = 0.1,
+        head: Literal["linear", "mlp"] = "linear",
+        head_hidden: int | None = None,
     ):
         super().__init__(backbone, task, max_length)
         if pooling not in POOLINGS:
@@ -40,7 +58,7 @@ class SequenceClassification(Objective):
             raise ValueError(f"head_dropout={head_dropout} must be in [0, 1).")
         self.pooling = FAMILY_POOLING[backbone.family] if pooling == "auto" else pooling
         self.n_labels = task.num_labels
-        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.hidden_size, self.n_labels))
+        self.head = build_head(head, backbone.hidden_size, self.n_labels, head_dropout, head_hidden)
 
     @classmethod
     def check(cls, backbone: Backbone, task: Task) -> None:

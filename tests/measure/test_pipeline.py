@@ -86,6 +86,11 @@ def test_cross_layer_cka_matrices_and_heatmap(train, tmp_path):
     for name in ("pretrained", "finetuned"):
         m = np.asarray(r["cross_layer"][name])
         assert m.shape == (5, 5) and np.allclose(np.diag(m), 1) and np.allclose(m, m.T)
+    # the paper's rows: token_positions (8) random non-pad tokens of every probe sequence
+    assert (
+        r["cross_layer"]["pooling"] == "tokens"
+        and r["cross_layer"]["n_rows"] == 8 * r["run"]["data"]["n_probe"]
+    )
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert (run_dir / "cross_layer_cka.png").stat().st_size > 1000
     assert set(np.load(run_dir / "cross_layer_cka.npz")) == {"pretrained", "finetuned"}
