@@ -21,6 +21,7 @@ from locality.analysis import figures, tables
 from locality.analysis.aggregate import dynamics_table, inventory, layers_table, runs_table
 from locality.analysis.summary import summary_markdown
 from locality.errors import EXIT_USER_ERROR
+from locality.results import Results
 
 DEFAULT_METRICS = ("cosine_tokens", "cosine", "cka_linear")  # the paper's measure first
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _ci_level(results: list[dict]) -> float:
+def _ci_level(results: list[Results]) -> float:
     levels = {(r.get("measure") or {}).get("ci") for r in results} - {None}
     return levels.pop() if len(levels) == 1 else 0.95
 

@@ -22,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from locality.errors import UserError
 from locality.identity import changed_keys
-
-SCHEMA = "locality.results/1"
+from locality.results import Results, check_results, read_results
 
 
 class RunDir:
@@ -125,13 +124,13 @@ class RunDir:
     def save_config(self, cfg: DictConfig) -> None:
         OmegaConf.save(cfg, self.path / "config.yaml", resolve=True)
 
-    def read_results(self) -> dict:
-        return json.loads(self.results_path.read_text())
+    def read_results(self) -> Results:
+        return read_results(self.results_path)
 
-    def write_results(self, results: dict[str, Any]) -> None:
-        """Write results.json atomically: its presence alone means the run completed."""
-        if results.get("schema") != SCHEMA:
-            raise ValueError(f"results must carry schema {SCHEMA!r}")
+    def write_results(self, results: Results) -> None:
+        """Write results.json atomically (checked against the schema first): its presence alone means the run
+        completed."""
+        check_results(results, complete=True)
         write_json_atomic(self.results_path, results)
         self.failed_path.unlink(missing_ok=True)  # an earlier attempt's failure is resolved
 

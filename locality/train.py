@@ -44,8 +44,9 @@ from locality.objectives import Task, build_objective, objective_class
 from locality.paths import conf_dir
 from locality.provenance import versions
 from locality.quiet import quiet_libraries
+from locality.results import SCHEMA, layer_names
 from locality.resume import RunState
-from locality.rundir import SCHEMA, RunDir
+from locality.rundir import RunDir
 from locality.taxonomy import scale_band
 from locality.trainer import build_trainer
 
@@ -169,7 +170,7 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
             "versions": versions(),
             "data": splits.info(),
         },
-        "layers": ["embed", *(f"block_{i:02d}" for i in range(backbone.n_layers))],
+        "layers": layer_names(backbone.n_layers),
         "measure": {
             key: to_plain(cfg.measure[key]) for key in ("n_probe", "pooling", "ci", "ci_method", "n_boot")
         },

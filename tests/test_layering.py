@@ -36,6 +36,7 @@ LAYERS = [
             "pooling",
             "optim_groups",
             "components",
+            "results",
         )
     ],
     *[(f"locality.{name}", 3) for name in ("schedules", "rundir", "resume", "faults")],

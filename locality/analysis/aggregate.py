@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from locality.rundir import SCHEMA
+from locality.results import Results, ResultsError, read_results
 from locality.taxonomy import scale_band
 
 # A run's identity. Runs that share a config_hash are replicates (they differ only in the seed); runs that
@@ -40,7 +40,7 @@ PROFILE_STATS = ("slope_per_layer", "steepness", "width", "width_count")
 
 @dataclass
 class Inventory:
-    results: list[dict] = field(default_factory=list)
+    results: list[Results] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)  # {"run", "reason", "step"}
     incomplete: list[str] = field(default_factory=list)  # run dirs with a config and no results
     unreadable: list[dict] = field(default_factory=list)  # {"path", "reason"}
@@ -77,14 +77,8 @@ def inventory(paths: list[str]) -> Inventory:
         results, failed = run_dir / "results.json", run_dir / "failed.json"
         if results.is_file():
             try:
-                result = json.loads(results.read_text())
-                if not isinstance(result, dict) or result.get("schema") != SCHEMA:
-                    raise ValueError(
-                        f"schema is {result.get('schema') if isinstance(result, dict) else None!r},"
-                        f" not {SCHEMA!r}"
-                    )
-                result["run"]["name"]  # noqa: B018 - the minimum every table needs
-            except (OSError, ValueError, KeyError, TypeError) as err:
+                result = read_results(results)
+            except (OSError, ResultsError) as err:
                 found.unreadable.append({"path": str(results), "reason": f"{type(err).__name__}: {err}"})
                 continue
             result["_path"] = str(run_dir)
@@ -100,11 +94,13 @@ def inventory(paths: list[str]) -> Inventory:
     return found
 
 
-def load_results(files: list[Path]) -> list[dict]:
+def load_results(files: list[Path]) -> list[Results]:
+    """The readable results among `files` (see `inventory` for the reasons the others are not)."""
     out = []
     for file in files:
-        result = json.loads(file.read_text())
-        if result.get("schema") != SCHEMA:
+        try:
+            result = read_results(file)
+        except (OSError, ResultsError):
             continue
         result["_path"] = str(file.parent)
         out.append(result)
@@ -131,7 +127,7 @@ def _slope_over_blocks(values) -> float | None:
     return float(xc @ (y - y.mean()) / (xc @ xc)) if xc @ xc > 0 else None
 
 
-def runs_table(results: list[dict]) -> pd.DataFrame:
+def runs_table(results: list[Results]) -> pd.DataFrame:
     rows = []
     for r in results:
         run = r["run"]
@@ -160,7 +156,7 @@ def runs_table(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def layers_table(results: list[dict]) -> pd.DataFrame:
+def layers_table(results: list[Results]) -> pd.DataFrame:
     rows = []
     for r in results:
         ident = _identity(r)
@@ -181,7 +177,7 @@ def layers_table(results: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def dynamics_table(results: list[dict]) -> pd.DataFrame:
+def dynamics_table(results: list[Results]) -> pd.DataFrame:
     rows = []
     for r in results:
         ident = _identity(r)

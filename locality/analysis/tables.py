@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from locality.results import Results
+
 N_BOOT = 2000
 SEED = 0
 
@@ -206,7 +208,7 @@ HEAD_ENERGY_TREND = {
 HEAD_ENERGY_COLUMNS = ["probe_steps", "label_smoothing", "temperature", "switch_step"]
 
 
-def head_energy_runs(results: list[dict]) -> pd.DataFrame:
+def head_energy_runs(results: list[Results]) -> pd.DataFrame:
     """One row per LP-FT run with an energy at the switch: the energy (mean ||e_y - p||, loss, accuracy),
     init.energy (the random head at step 0) and, per Ren et al. feature metric m, `m_last` (the last layer:
     with pooling=first on an encoder, the head's input z) and `m_sum` (summed over every layer, 0..L)."""
