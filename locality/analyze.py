@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         "width_variance": tables.width_variance(runs, metric),
         "step0_prediction": tables.step0_prediction(runs, metric, ci=ci),
     }
+    if (runs.control == "linearized").any():
+        paper_tables["linearized_vs_standard"] = tables.linearized_vs_standard(runs, metric)
     energy_runs = tables.head_energy_runs(found.results)
     if not energy_runs.empty:
         paper_tables["head_energy"] = energy_runs

@@ -99,6 +99,7 @@ RULES = [
     Rule("data.num_workers", at_least(0), "an integer >= 0", "0"),
     Rule("data.min_chars", at_least(0), "an integer >= 0", "1"),
     Rule("data.max_train_examples", optional(at_least(1)), "an integer >= 1, or null for all", "10000"),
+    Rule("measure.ntk_examples", at_least(2), "a number of examples >= 2", "32"),
     Rule("objective.max_length", at_least(2), "a number of tokens >= 2", "128"),
     Rule("objective.head_dropout", within(0, 1), "a probability in [0, 1)", "0.1"),
     Rule("objective.mask_prob", lambda v: _number(v) and 0 < v < 1, "a probability in (0, 1)", "0.15"),
@@ -189,6 +190,7 @@ def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
         "measure.ci_method": (cfg.measure.ci_method, ("basic", "percentile")),
         "measure.plugin_ci": (cfg.measure.plugin_ci, ("jackknife", "bootstrap")),
         "measure.cross_layer_pooling": (cfg.measure.cross_layer_pooling, ("tokens", "pooled")),
+        "measure.ntk_params": (cfg.measure.ntk_params, ("all", "blocks")),
         "data.source": (cfg.data.source, ("builtin", "hub")),
     }
 

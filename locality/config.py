@@ -129,6 +129,9 @@ class MeasureConf:
     cross_layer: bool = False  # (L+1)x(L+1) CKA matrices (Phang et al. 2021)
     cross_layer_pooling: str = "tokens"  # tokens (token_positions per probe sequence) | pooled (as `pooling`)
     drop_top_k: int = 0  # evaluate with the top k = 0..K blocks removed after training
+    ntk: bool = False  # the empirical NTK at initialization per block (Afzal et al. 2025)
+    ntk_examples: int = 32  # ... on the first n training examples
+    ntk_params: str = "blocks"  # all | blocks | lora (see locality.ntk)
 
 
 SCHEMAS = {

@@ -180,6 +180,8 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         "controls": {control.name: control.summary() for control in controls},
         "timings": {**profiler.timings, "pre_capture_cached": profiler.cache_hit},
     }
+    if measurement.ntk is not None:
+        results["ntk"] = measurement.ntk
     if cfg.measure.drop_top_k:
         results["drop_top_k"] = evaluate_dropping_top(trainer, module, data, backbone, cfg.measure.drop_top_k)
     results["run"]["wall_s"] = run_state.wall_s  # over every segment of a resumed run

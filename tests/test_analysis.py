@@ -183,3 +183,22 @@ def test_analyze_writes_tables_and_figures_at_240_runs(tmp_path):
     import pandas as pd
 
     assert pd.read_csv(out / "tables" / "headline.csv").metric.iloc[0] == "cosine_tokens"
+
+
+def test_linearized_runs_are_compared_with_standard_within_a_setting():
+    from locality.analysis.tables import linearized_vs_standard
+
+    results = [
+        result(0, "standard", "aaaa", 1.0),
+        result(1, "standard", "aaaa", 3.0),
+        result(0, "linearized", "aaaa", 0.5),
+        result(0, "linearized", "bbbb", 9.0),  # no standard run in its setting: not compared
+    ]
+    for r, loss in zip(results, (0.4, 0.6, 0.9, 0.1), strict=True):
+        r["final"]["loss"] = loss
+    table = linearized_vs_standard(runs_table(results), "cosine")
+    assert table.setting_hash.tolist() == ["aaaa"]
+    row = table.iloc[0]
+    assert (row.n_standard, row.n_linearized) == (2, 1)
+    assert (row.slope_standard, row.slope_linearized, row.slope_ratio) == (2.0, 0.5, 0.25)
+    assert (row.final_loss_standard, row.final_loss_linearized) == (0.5, 0.9)

@@ -129,4 +129,4 @@ def test_wandb_run_id_follows_the_directory_and_sweeps_share_a_group(tmp_path):
     init = logger._wandb_init
     assert init["id"] == run.path.name and init["group"] == "paper_240" and init["job_type"] == "equal_step"
     assert init["tags"] == ["family:decoder", "scale:<200M"] and logger._offline
-    finish_wandb(teardown=True)  # a W&B run or service left open would be reused by later tests in this process
+    finish_wandb(teardown=True)  # a W&B run left open would be reused by later tests in this process

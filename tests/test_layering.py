@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "locality"
 LAYERS = [
     ("locality.measure.update_ratios", 4),
     ("locality.measure.callback", 4),
+    ("locality.measure.ntk_profile", 4),
     ("locality.measure", 3),
     ("locality.controls", 4),
     ("locality.backbones", 2),

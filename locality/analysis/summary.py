@@ -111,6 +111,7 @@ def summary_markdown(
         "steepness_vs_distance": "Steepness vs training-free objective distance (Spearman ρ, bootstrap CI over runs)",
         "width_variance": f"Variance in width ({metric} width_count) explained by architecture vs objective",
         "step0_prediction": "Does the step-0 profile predict the trained one? (Spearman ρ across runs)",
+        "linearized_vs_standard": f"Linearized vs standard fine-tuning ({metric} slope and final loss, mean over seeds)",
     }
     for key, title in titles.items():
         if key in tables:

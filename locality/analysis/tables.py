@@ -16,6 +16,8 @@
   Spearman rho against energy and the shape of the relation (increasing, decreasing, rise then fall, ...),
   judged against the paper's trend: distances grow with energy, dot product and feature norm first rise
   and then fall.
+- `linearized_vs_standard` (Afzal et al. 2025): per setting with both, the slope and final loss of the
+  first-order Taylor model (`control=linearized`) beside standard fine-tuning's, averaged over seeds.
 
 Statistics come from scipy and statsmodels; rank correlations get a percentile bootstrap over runs (seeded).
 """
@@ -199,6 +201,38 @@ def step0_prediction(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.Da
 
 
 # Ren et al. 2023: feature metric -> the paper's trend against energy
+def linearized_vs_standard(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per setting holding both controls: mean slope and final loss (over seeds) of linearized vs standard
+    fine-tuning, and their ratio (linearized / standard)."""
+    slope = f"{metric}_slope"
+    columns = ["setting_hash", "model", "objective", "n_standard", "n_linearized"]
+    columns += ["slope_standard", "slope_linearized", "slope_ratio", "final_loss_standard"]
+    columns += ["final_loss_linearized"]
+    rows = []
+    both = runs[runs.control.isin(["standard", "linearized"])]
+    for setting, group in both.groupby("setting_hash"):
+        by = {c: group[group.control == c] for c in ("standard", "linearized")}
+        if by["standard"].empty or by["linearized"].empty:
+            continue
+        mean = {c: by[c][slope].mean() if slope in by[c] else math.nan for c in by}
+        loss = {c: by[c]["final_loss"].mean() if "final_loss" in by[c] else math.nan for c in by}
+        rows.append(
+            {
+                "setting_hash": setting,
+                "model": group.model.iloc[0],
+                "objective": group.objective.iloc[0],
+                "n_standard": len(by["standard"]),
+                "n_linearized": len(by["linearized"]),
+                "slope_standard": mean["standard"],
+                "slope_linearized": mean["linearized"],
+                "slope_ratio": mean["linearized"] / mean["standard"] if mean["standard"] else math.nan,
+                "final_loss_standard": loss["standard"],
+                "final_loss_linearized": loss["linearized"],
+            }
+        )
+    return pd.DataFrame(rows, columns=columns)
+
+
 HEAD_ENERGY_TREND = {
     "euclidean": "increasing",
     "cosine": "increasing",

@@ -8,6 +8,7 @@ from locality.controls.equal_step import EqualStep
 from locality.controls.equal_step_core import EqualStepCore
 from locality.controls.freeze import Freeze
 from locality.controls.l2sp import L2SP
+from locality.controls.linearized import Linearized
 from locality.controls.llrd import LayerwiseLRDecay
 from locality.controls.lora import LoRA
 from locality.controls.lp_ft import LPFT
@@ -20,5 +21,6 @@ __all__ = [
     "L2SP",
     "LPFT",
     "LayerwiseLRDecay",
+    "Linearized",
     "LoRA",
 ]

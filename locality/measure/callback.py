@@ -2,7 +2,7 @@
 
 - `setup` (before `configure_model` and before a checkpoint is restored, so always on the pretrained
   weights): the pre-fine-tuning capture (cached), the pretrained snapshot and the step-0 quantities (`init`),
-  on the trainer's device and in its precision.
+  on the trainer's device and in its precision; with `measure.ntk`, the empirical NTK per block (`ntk`).
 - `on_fit_end` (the fine-tuned weights, still on the training device): the first steps' update ratios from
   the update-ratio monitor, if one ran, then the post-fine-tuning capture and every metric with its interval.
   The outcome is `results` (the `change`, `profile`, ... entries of results.json).
@@ -16,6 +16,7 @@ from __future__ import annotations
 import lightning as L
 
 from locality.measure.depth import DepthProfiler
+from locality.measure.ntk_profile import ntk_profile
 from locality.measure.update_ratios import UpdateRatioMonitor
 
 
@@ -23,11 +24,16 @@ class ProfileMeasurement(L.Callback):
     def __init__(self, profiler: DepthProfiler):
         self.profiler = profiler
         self.results: dict | None = None
+        self.ntk: dict | None = None
         self._measured_before = False
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and not self._measured_before:
             self.profiler.before_training(pl_module, trainer)
+            cfg = self.profiler.cfg
+            if cfg.ntk:
+                examples = self.profiler.data.splits.train[: cfg.ntk_examples]
+                self.ntk = ntk_profile(pl_module, examples, params=cfg.ntk_params)
             self._measured_before = True
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

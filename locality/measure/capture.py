@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from locality.backbones import no_cache
@@ -40,7 +41,14 @@ from locality.pooling import pool
 
 
 def _hidden(output) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple | list) else output
+    return first_order(output[0] if isinstance(output, tuple | list) else output)
+
+
+def first_order(tensor: torch.Tensor) -> torch.Tensor:
+    """A forward-mode dual tensor (the `linearized` control's forward) as its first-order value, primal +
+    tangent; any other tensor as it is."""
+    primal, tangent = forward_ad.unpack_dual(tensor)
+    return tensor if tangent is None else primal + tangent
 
 
 @contextmanager
@@ -48,7 +56,7 @@ def block_hooks(blocks: nn.ModuleList, sink: list[torch.Tensor | None]):
     """Record the input of block 0 and the output of every block into sink[0..L] during forward passes."""
 
     def pre_hook(module, args, kwargs):
-        sink[0] = args[0] if args else kwargs["hidden_states"]
+        sink[0] = first_order(args[0] if args else kwargs["hidden_states"])
 
     def make_hook(index: int):
         def hook(module, args, output):
