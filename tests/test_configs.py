@@ -11,7 +11,7 @@ from locality.paths import conf_dir, model_presets
 from locality.plan import plan
 
 register_resolvers()
-GROUPS = ["model", "objective", "control", "data", "optim", "trainer", "measure", "logger"]
+GROUPS = ["model", "objective", "control", "data", "optim", "scheduler", "trainer", "measure", "logger"]
 
 
 def options(group: str) -> list[str]:
@@ -59,3 +59,21 @@ def test_experiments_sweep_existing_options(experiment, runs):
     listed = plan([f"experiment={experiment}"])
     assert len(listed) == runs and len({r.run_dir for r in listed}) == runs
     assert not [r.problem for r in listed if r.problem]
+
+
+@pytest.mark.parametrize("option", options("optim"))
+def test_every_optimizer_option_builds_an_optimizer_that_steps(option):
+    import torch
+    from hydra.utils import instantiate
+
+    from locality.config import load_option
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = instantiate(load_option("optim", option))([{"params": [weight], "weight_decay": 0.0}])
+    scheduler = instantiate(load_option("scheduler", "warmup_decay"))(optimizer, 10)
+    for _ in range(3):  # the first step is warmup's lr = 0
+        optimizer.zero_grad()
+        (weight**2).sum().backward()
+        optimizer.step()
+        scheduler.step()
+    assert isinstance(optimizer, torch.optim.Optimizer) and (weight < 1).all()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from locality.results import Results, ResultsError, read_results
+from locality.results import Results, ResultsError, layer_names, read_results
 from locality.taxonomy import scale_band
 
 # A run's identity. Runs that share a config_hash are replicates (they differ only in the seed); runs that
@@ -160,7 +160,7 @@ def layers_table(results: list[Results]) -> pd.DataFrame:
     rows = []
     for r in results:
         ident = _identity(r)
-        layer_names = r.get("layers") or [f"layer_{i:02d}" for i in range(len(r["depth"]))]
+        names = r.get("layers") or layer_names(len(r["depth"]) - 1)
         grad = [None, *r.get("init", {}).get("grad_rel", [])]
         for metric, values in {**r["change"], "grad_rel_init": grad}.items():
             for layer, value in enumerate(values):
@@ -169,7 +169,7 @@ def layers_table(results: list[Results]) -> pd.DataFrame:
                         **ident,
                         "metric": metric,
                         "layer": layer,
-                        "layer_name": layer_names[layer],
+                        "layer_name": names[layer],
                         "depth": r["depth"][layer],
                         "value": value,
                     }

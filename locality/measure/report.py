@@ -113,7 +113,7 @@ def _log_wandb_profile(logger: WandbLogger, results: dict) -> None:
     import wandb
 
     rows = [
-        [layer, results["depth"][layer], metric, values[layer]]
+        [results["layers"][layer], results["depth"][layer], metric, values[layer]]
         for metric, values in results["change"].items()
         for layer in range(len(values))
         if values[layer] is not None
