@@ -53,7 +53,9 @@ def test_the_study_presets_are_all_there():
     assert composed("model=rwkv-169m").model.config_overrides == {"rescale_every": 0}
 
 
-@pytest.mark.parametrize(("experiment", "runs"), [("tiny_matrix", 64), ("minilm_equal_step", 6)])
+@pytest.mark.parametrize(
+    ("experiment", "runs"), [("tiny_matrix", 64), ("minilm_equal_step", 6), ("head_energy", 6)]
+)
 def test_experiments_sweep_existing_options(experiment, runs):
     """Every run of the sweep composes, validates and has its own directory (paper_240: tests/test_plan.py)."""
     listed = plan([f"experiment={experiment}"])
