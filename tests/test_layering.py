@@ -17,6 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "locality"
 LAYERS = [
     ("locality.measure.update_ratios", 4),
     ("locality.measure.callback", 4),
+    ("locality.measure.update_core", 3),
+    ("locality.measure.lora_ratios", 3),
     ("locality.measure.ntk_profile", 4),
     ("locality.measure", 3),
     ("locality.controls", 4),
@@ -41,7 +43,7 @@ LAYERS = [
         )
     ],
     *[(f"locality.{name}", 3) for name in ("schedules", "rundir", "resume", "faults")],
-    *[(f"locality.{name}", 4) for name in ("module", "checks", "loggers", "trainer")],
+    *[(f"locality.{name}", 4) for name in ("module", "checks", "loggers", "trainer", "assembly")],
     *[(f"locality.{name}", 5) for name in ("train", "pretrain", "ntk", "plan", "sweep", "analyze")],
     ("locality", 1),  # the package's own __init__
 ]
@@ -67,7 +69,19 @@ def imports() -> dict[str, set[str]]:
             elif isinstance(node, ast.Import):
                 graph[name] |= {a.name for a in node.names if a.name.startswith("locality")}
         graph[name] = {t for t in graph[name] if t in known and t != name and not name.startswith(t + ".")}
+        graph[name] |= {
+            package  # importing a.b.c runs a.b's __init__ first, unless the importer is inside a.b already
+            for target in graph[name]
+            for package in _packages(target)
+            if package in known and package != name and not name.startswith(package + ".")
+        }
     return graph
+
+
+def _packages(module: str) -> list[str]:
+    """The packages whose __init__ runs when `module` is imported (below the root package)."""
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts))]
 
 
 def layer(module: str) -> int:

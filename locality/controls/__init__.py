@@ -5,13 +5,13 @@ Adding one = a file here defining a `Control` subclass + `conf/control/<name>.ya
 
 from locality.controls.base import Control
 from locality.controls.equal_step import EqualStep
-from locality.controls.equal_step_core import EqualStepCore
 from locality.controls.freeze import Freeze
 from locality.controls.l2sp import L2SP
 from locality.controls.linearized import Linearized
 from locality.controls.llrd import LayerwiseLRDecay
 from locality.controls.lora import LoRA
 from locality.controls.lp_ft import LPFT
+from locality.measure.update_core import EqualStepCore
 
 __all__ = [
     "Control",

@@ -1,6 +1,6 @@
 """The equal-step control: after every real optimizer update, give every block the same relative step.
 
-Three layers, smallest first (the first in `locality.controls.equal_step_core`):
+Three layers, smallest first (the first in `locality.measure.update_core`):
 
 - `EqualStepCore`: pure torch. Snapshot a list of parameter groups ("layers"), measure each layer's
   relative update r_l = ||ΔW_l|| / ||W_l_old|| after the optimizer has stepped, and (optionally) rescale
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from locality.controls.base import Control
-from locality.controls.equal_step_core import (
+from locality.measure.update_core import (
     Target,
     _check_target,
 )

@@ -17,6 +17,7 @@ from locality.measure import (
     cosine_distance,
     euclidean_distance,
     feature_dot,
+    feature_norm,
     layer_changes,
     linear_cka,
     norm_ratio,
@@ -266,6 +267,7 @@ def _naive(metric: str, X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor) ->
         "procrustes": procrustes_distance,
         "cka_linear": lambda a, b: 1 - linear_cka(a, b),
         "dot": feature_dot,
+        "norm": feature_norm,
         "norm_ratio": norm_ratio,
     }[metric]
     return fn(X[rows], Y[rows])

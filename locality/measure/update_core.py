@@ -1,7 +1,9 @@
 """The equal-step core, pure torch: snapshot a list of parameter groups ("layers"), measure each layer's
 relative update ||ΔW_l|| / ||W_l_old|| after the optimizer stepped, and optionally rescale ΔW_l so every layer's
 ratio equals one target. Works on plain tensors (one device, DDP) and on FSDP2 DTensor shards; usable without
-Lightning (`EqualStepCore.attach(optimizer)`). The Lightning callbacks are in `locality.controls.equal_step`.
+Lightning (`EqualStepCore.attach(optimizer)`). The Lightning callbacks are `UpdateRatioMonitor`
+(`locality.measure.update_ratios`, no target: measuring only) and `EqualStep` (`locality.controls.equal_step`).
+It lives with measurement because measuring is what every run does with it; the rescaling is the control's.
 """
 
 from __future__ import annotations
