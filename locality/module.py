@@ -85,10 +85,22 @@ class LocalityModule(L.LightningModule):
             if extra is not None:
                 self.log(f"train/{control.name}_penalty", extra.detach())
                 loss = loss + extra
-        self.train_metrics(out.preds, out.target)
-        self.log("train/loss", out.loss.detach(), prog_bar=True)
-        self.log_dict(self.train_metrics, on_step=True, on_epoch=False)
+        # On the progress bar only when there is one: Lightning turns progress-bar values into Python floats
+        # after every step, a host sync on a GPU.
+        self.log("train/loss", out.loss.detach(), prog_bar=self.trainer.progress_bar_callback is not None)
+        if self._train_metrics_wanted():
+            self.train_metrics(out.preds, out.target)
+            self.log_dict(self.train_metrics, on_step=True, on_epoch=False)
         return loss
+
+    def _train_metrics_wanted(self) -> bool:
+        """The training metrics are per-step values that reach the loggers every `log_every_n_steps`: on the
+        other steps they are computed only if a control reads them (`Control.reads_step_metrics`). This saves a
+        torchmetrics update per step (input checks that sync with a GPU) and changes no logged value."""
+        if self._trainer is None or any(getattr(c, "reads_step_metrics", False) for c in self.controls):
+            return True
+        # Lightning's own test for "log this step", asked before the step counter moves on, as its logging is
+        return self.trainer._logger_connector.should_update_logs
 
     def validation_step(self, batch, batch_idx):
         out = self(batch)

@@ -89,27 +89,19 @@ def compose_config(overrides: list[str]):
 
 def build_module(cfg):
     """Data, backbone, objective, controls and module, exactly as `locality.train` builds them."""
-    import lightning as L
     from hydra.utils import instantiate
 
-    from locality.backbones import load_backbone, peek_family
+    from locality.assembly import assemble
     from locality.checks import preflight, validate
-    from locality.config import ModelConf
-    from locality.data.sources import load_splits
     from locality.module import LocalityModule
-    from locality.objectives import Task, build_objective, objective_class
 
     cfg = validate(cfg)
     controls = preflight(cfg).controls
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    splits = load_splits(cfg.data, n_probe=cfg.measure.n_probe)
-    spec = ModelConf(**cfg.model)
-    objective_cls = objective_class(cfg.objective, family=peek_family(spec))
-    backbone = load_backbone(spec, objective_cls.head_kind, require=objective_cls.check_family)
-    objective = build_objective(cfg.objective, backbone, Task(tuple(splits.label_names)))
-    module = LocalityModule(backbone, objective, instantiate(cfg.optim), instantiate(cfg.scheduler), controls)
+    parts = assemble(cfg)
+    optimizer, scheduler = instantiate(cfg.optim), instantiate(cfg.scheduler)
+    module = LocalityModule(parts.backbone, parts.objective, optimizer, scheduler, controls)
     module.configure_model()
-    return module, splits
+    return module, parts.splits
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,12 +9,22 @@ measures, and rank zero alone writes files and prints.
 
 from __future__ import annotations
 
-import contextlib
 import sys
+
+import hydra
+
+from locality.config import register_resolvers
+from locality.paths import conf_dir
+
+register_resolvers()
+HYDRA_MAIN = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+if __name__ == "__main__" and {"--help", "-h", "--hydra-help"} & set(sys.argv[1:]):
+    HYDRA_MAIN(lambda cfg: None)()  # Hydra prints the help from conf/ and exits, before torch is imported
+
+import contextlib
 import time
 from pathlib import Path
 
-import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -22,13 +32,12 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from locality.backbones import load_backbone, peek_family
+from locality.assembly import assemble
 from locality.checks import preflight, validate
 from locality.components import instantiate_component
-from locality.config import ModelConf, register_resolvers, to_plain
+from locality.config import to_plain
 from locality.controls import Control
 from locality.data.datamodule import LocalityDataModule
-from locality.data.sources import load_splits
 from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
 from locality.faults import storage_error
 from locality.identity import config_hash, control_name, setting_hash
@@ -40,8 +49,6 @@ from locality.measure.drop_top import evaluate_dropping_top
 from locality.measure.report import format_profile, log_profile
 from locality.measure.update_ratios import UpdateRatioMonitor
 from locality.module import LocalityModule
-from locality.objectives import Task, build_objective, objective_class
-from locality.paths import conf_dir
 from locality.provenance import versions
 from locality.quiet import quiet_libraries
 from locality.results import SCHEMA, layer_names
@@ -49,8 +56,6 @@ from locality.resume import RunState
 from locality.rundir import RunDir
 from locality.taxonomy import scale_band
 from locality.trainer import build_trainer
-
-register_resolvers()
 
 
 def run(cfg: DictConfig) -> dict:
@@ -111,14 +116,9 @@ class Attempt:
 
 def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, controls: list[Control]) -> dict:
     started = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    # Data first: a split too small or labels that cannot be encoded are refused before any weights load.
-    splits = load_splits(cfg.data, n_probe=cfg.measure.n_probe)
-    spec = ModelConf(**cfg.model)
-    objective_cls = objective_class(cfg.objective, family=peek_family(spec))
-    backbone = load_backbone(spec, objective_cls.head_kind, require=objective_cls.check_family)
-    objective = build_objective(cfg.objective, backbone, Task(tuple(splits.label_names)))
+    parts = assemble(cfg)  # seeded; data first (refused before any weights load), backbone, objective
+    splits, backbone, objective = parts.splits, parts.backbone, parts.objective
+    load_s = time.perf_counter() - started  # the data and the weights
     data = LocalityDataModule(
         splits, objective, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.num_workers
     )
@@ -146,7 +146,9 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         run_state,
     ]
     trainer = attempt.trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
+    fit_started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
+    fit_s = time.perf_counter() - fit_started  # this segment's; includes the measurement before and after
     final = trainer.validate(module, datamodule=data, verbose=False)[0]
 
     results = {
@@ -157,7 +159,7 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
             "family": backbone.family,
             "block_type": backbone.block_type,
             "scale_band": scale_band(backbone.n_params),
-            "objective": objective_cls.name,
+            "objective": objective.name,
             "control": control_name(cfg.control),
             "seed": cfg.seed,
             "n_params": backbone.n_params,
@@ -178,7 +180,12 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         "init": profiler.init,
         "final": {key.removeprefix("val/"): float(value) for key, value in final.items()},
         "controls": {control.name: control.summary() for control in controls},
-        "timings": {**profiler.timings, "pre_capture_cached": profiler.cache_hit},
+        "timings": {
+            **profiler.timings,
+            "load_s": load_s,
+            "fit_s": fit_s,
+            "pre_capture_cached": profiler.cache_hit,
+        },
     }
     if measurement.ntk is not None:
         results["ntk"] = measurement.ntk
@@ -212,7 +219,7 @@ def ratio_monitor(measure_cfg, controls: list[Control]) -> UpdateRatioMonitor | 
 _job_started = False
 
 
-@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
+@HYDRA_MAIN
 def hydra_main(cfg: DictConfig) -> None:
     global _job_started
     _job_started = True

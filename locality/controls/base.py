@@ -57,6 +57,9 @@ class Control(Callback):
     """Base class of every control; each hook defaults to "do nothing"."""
 
     name: str = "control"
+    # True if the control reads the training metrics (trainer.callback_metrics "train/acc") after every step;
+    # otherwise the module computes them only on the steps that log them (every `log_every_n_steps`).
+    reads_step_metrics: bool = False
 
     def check_model(self, n_blocks: int) -> None:
         """Raise ValueError if an argument does not fit a model with `n_blocks` blocks (before it is loaded)."""

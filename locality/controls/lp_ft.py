@@ -36,6 +36,7 @@ from locality.objectives.base import IGNORE
 
 class LPFT(Control):
     name = "lp_ft"
+    reads_step_metrics = True  # the running loss and accuracy that end probing
 
     def __init__(
         self,

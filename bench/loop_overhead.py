@@ -1,0 +1,218 @@
+"""Loop overhead of the framework: `LocalityModule` under the framework's Trainer vs a plain PyTorch loop.
+
+The framework side is built as `locality/train.py` builds it: the composed Hydra config (`conf/train.yaml`
+plus the overrides below), the objective, AdamW with its decay groups, the warmup-decay schedule,
+`LocalityModule`, and `locality.trainer.build_trainer` with the default callbacks (non-finite-loss stop, the
+update-ratio monitor, checkpointing every `trainer.ckpt_every_n_steps`, the run-state callback, the progress
+bar and logging cadence of `conf/trainer/default.yaml`, the CSV logger W&B falls back to when it is not
+installed). The plain side is a deep copy of the same module, with the same weights, fed the same batches (a
+second loader from the same data module: same order, same collate), trained with a hand-written loop: forward
+to the loss, backward, `clip_grad_norm_` at the same value, AdamW with the same groups and settings, the same
+schedule, `zero_grad`.
+
+One process: inside the framework's fit, at every `--block`-th step a callback runs `--block` plain steps,
+so machine noise hits both alike. A framework step is timed from one `on_train_batch_start` to the next (the
+whole loop iteration: batch fetch, forward, backward, clipping, optimizer step, every callback, logging, the
+progress bar); a plain step from fetching its batch to the end of `zero_grad`. Prints the median step time
+of each over `--steps` timed steps after `--warmup` untimed ones, and their ratio.
+
+    python bench/loop_overhead.py                       # tiny_gpt2 (random init), clm, 16 x 128 tokens
+    python bench/loop_overhead.py --steps 200 model=tiny_bert objective=cls
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from locality.assembly import assemble  # noqa: E402
+from locality.backbones import no_cache  # noqa: E402
+from locality.config import register_resolvers  # noqa: E402
+from locality.data.datamodule import LocalityDataModule  # noqa: E402
+from locality.loggers import RunInfo, csv_logger  # noqa: E402
+from locality.module import LocalityModule  # noqa: E402
+from locality.paths import conf_dir  # noqa: E402
+from locality.resume import RunState  # noqa: E402
+from locality.rundir import RunDir  # noqa: E402
+from locality.train import ratio_monitor  # noqa: E402
+from locality.trainer import build_trainer  # noqa: E402
+
+DEFAULT_OVERRIDES = ["model=tiny_gpt2", "model.init=random", "objective=clm", "control=standard"]
+
+
+class PlainLoop:
+    """The hand-written loop over a copy of the module: same weights, groups, optimizer, schedule, clipping."""
+
+    def __init__(self, module: LocalityModule, cfg, total_steps: int, loader) -> None:
+        self.module = copy.deepcopy(module)  # before the trainer touches `module`
+        self.model = self.module.model
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.optimizer = module.optimizer_factory(self.module.param_groups())
+        self.scheduler = module.scheduler_factory(self.optimizer, total_steps)
+        self.clip = cfg.trainer.gradient_clip_val
+        self.loader = loader
+        self.batches = iter(loader)
+        self.module.train()
+
+    def next_batch(self) -> dict:
+        """The next batch; a new epoch (the loader's next permutation, as the framework's) after the last."""
+        try:
+            return next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.loader)
+            return next(self.batches)
+
+    def step(self) -> None:
+        batch = self.next_batch()
+        out = self.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            **no_cache(self.model),
+        )
+        out.loss.backward()
+        if self.clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+
+
+class Alternate(L.Callback):
+    """Times every framework step (one `on_train_batch_start` to the next) and, at every block boundary, runs
+    and times a block of plain steps in between (their time is left out of the framework step)."""
+
+    def __init__(self, plain: PlainLoop, warmup: int, block: int, steps: int) -> None:
+        self.plain, self.warmup, self.block, self.steps = plain, warmup, block, steps
+        self.framework: list[float] = []
+        self.framework_block: list[int] = []  # the plain block each framework step follows
+        self.plain_times: list[float] = []
+        self._last: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        step = trainer.global_step  # steps completed; the previous framework step is step - 1
+        if self._last is not None and step - 1 >= self.warmup:
+            self.framework.append(now - self._last)
+            self.framework_block.append(len(self.plain_times) // self.block - 1)
+        if step == 0:
+            for _ in range(self.warmup):
+                self.plain.step()
+        elif (
+            step >= self.warmup
+            and (step - self.warmup) % self.block == 0
+            and len(self.plain_times) < self.steps
+        ):
+            for _ in range(self.block):
+                start = time.perf_counter()
+                self.plain.step()
+                self.plain_times.append(time.perf_counter() - start)
+        self._last = time.perf_counter()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=120, help="timed steps per side (>= 100)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per side first")
+    parser.add_argument("--block", type=int, default=10, help="steps per alternating block")
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides after the defaults " + str(DEFAULT_OVERRIDES)
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a busy machine)"
+    )
+    parser.add_argument(
+        "--profile", help="write a cProfile of the fit (framework and plain steps) to this file"
+    )
+    parser.add_argument(
+        "--every-step-metrics",
+        action="store_true",
+        help="compute the training metrics on every step, not only on logged ones (the framework before 2026-12)",
+    )
+    args = parser.parse_args()
+    if args.every_step_metrics:
+        LocalityModule._train_metrics_wanted = lambda self: True
+    torch.set_num_threads(args.threads)
+
+    register_resolvers()
+    blocks = -(-args.steps // args.block)
+    total = args.warmup + blocks * args.block + 1  # the last framework step is not timed
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                *DEFAULT_OVERRIDES,
+                *args.overrides,
+                f"trainer.max_steps={total}",
+                f"outputs_root={tmp}",
+            ],
+        )
+        parts = assemble(cfg)
+        splits, backbone, objective = parts.splits, parts.backbone, parts.objective
+
+        def datamodule() -> LocalityDataModule:
+            data = cfg.data
+            return LocalityDataModule(
+                splits, objective, data.batch_size, data.eval_batch_size, cfg.seed, data.num_workers
+            )
+
+        data = datamodule()
+        module = LocalityModule(backbone, objective, instantiate(cfg.optim), instantiate(cfg.scheduler), [])
+        plain = PlainLoop(module, cfg, total, datamodule().train_dataloader())
+        timer = Alternate(plain, args.warmup, args.block, blocks * args.block)
+        run_dir = RunDir(Path(tmp) / "run")
+        logger = csv_logger(RunInfo(run_dir, "bench", {}))
+        callbacks = [*filter(None, [ratio_monitor(cfg.measure, [])]), RunState(), timer]
+        trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
+        if args.profile:
+            import cProfile
+
+            cProfile.runctx("trainer.fit(module, datamodule=data)", globals(), locals(), args.profile)
+        else:
+            trainer.fit(module, datamodule=data)
+
+    framework, plain_times = timer.framework, timer.plain_times
+    ratio = statistics.median(framework) / statistics.median(plain_times)
+    paired = statistics.median(  # each framework block against the plain block just before it
+        statistics.median(t for t, b in zip(framework, timer.framework_block, strict=True) if b == block)
+        / statistics.median(plain_times[block * args.block : (block + 1) * args.block])
+        for block in sorted(set(timer.framework_block))
+    )
+    batch = cfg.data.batch_size
+    print(f"\nloop overhead | torch {torch.__version__} | lightning {L.__version__} | ", end="")
+    print(f"{torch.get_num_threads()} threads | python {sys.version.split()[0]}")
+    print(f"config: {' '.join(DEFAULT_OVERRIDES + args.overrides)}; batch {batch}, ", end="")
+    print(f"max_length {cfg.objective.max_length}, precision {cfg.trainer.precision}, ", end="")
+    print(
+        f"log_every_n_steps {cfg.trainer.log_every_n_steps}, progress bar {cfg.trainer.enable_progress_bar}"
+    )
+    print(f"params: {backbone.n_params / 1e6:.2f} M; ", end="")
+    print(f"timed steps: {len(framework)} framework, {len(plain_times)} plain ", end="")
+    print(f"(alternating blocks of {args.block}, after {args.warmup} warm-up steps each)")
+    for name, times in (("framework", framework), ("plain", plain_times)):
+        q = statistics.quantiles(times, n=4)
+        print(f"  {name:<9} median {1e3 * statistics.median(times):8.2f} ms  ", end="")
+        print(f"(p25 {1e3 * q[0]:.2f}, p75 {1e3 * q[2]:.2f}, mean {1e3 * statistics.fmean(times):.2f})")
+    if args.every_step_metrics:
+        print("training metrics computed on every step (--every-step-metrics)")
+    print(f"step-time ratio framework / plain (medians): {ratio:.4f}")
+    print(f"  median over blocks of the block-median ratio (robust to drifting load): {paired:.4f}")
+
+
+if __name__ == "__main__":
+    main()
