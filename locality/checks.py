@@ -34,6 +34,8 @@ from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,7 @@ def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
         "model.init": (cfg.model.init, INITS),
         "trainer.precision": (str(cfg.trainer.precision), typing.get_args(_PRECISION_INPUT_STR)),
         "trainer.accelerator": (cfg.trainer.accelerator, ACCELERATORS),
+        "trainer.matmul_precision": (cfg.trainer.matmul_precision, MATMUL_PRECISIONS),
         "measure.pooling": (cfg.measure.pooling, POOLINGS),
         "measure.ci_method": (cfg.measure.ci_method, ("basic", "percentile")),
         "measure.plugin_ci": (cfg.measure.plugin_ci, ("jackknife", "bootstrap")),
@@ -199,6 +202,8 @@ def _check_choices(cfg: DictConfig) -> None:
     from locality.measure.similarity import MEASURE_METRICS
 
     choices = _choices(cfg)
+    if cfg.model.attn_implementation is not None:
+        choices["model.attn_implementation"] = (cfg.model.attn_implementation, ATTENTION)
     if "shape" in cfg.scheduler:
         from transformers import SchedulerType
 

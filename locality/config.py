@@ -52,6 +52,10 @@ class ModelConf:
     # Config-built presets (`arch` set): start from the offline-pretrained checkpoint (cached, pretrained on
     # first use) or from random init. Checkpoint presets always load their weights: init=random is refused.
     init: str = "pretrained"
+    # How the forward runs (speed and memory only; the same weights): transformers' attention implementation
+    # (null: its default, SDPA where the architecture has it) and activation checkpointing of the blocks.
+    attn_implementation: str | None = None
+    gradient_checkpointing: bool = False
     pretrain: PretrainConf = field(default_factory=PretrainConf)
 
     def __post_init__(self) -> None:

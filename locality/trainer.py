@@ -1,6 +1,7 @@
 """Build the Lightning Trainer from `conf/trainer` (its `_target_` and arguments) with the run's callbacks.
 
-Every key of the trainer config but `ckpt_every_n_steps` is a `lightning.Trainer` argument; the run supplies
+Every key of the trainer config but `ckpt_every_n_steps` and `matmul_precision` (float32 matmuls:
+`torch.set_float32_matmul_precision`) is a `lightning.Trainer` argument; the run supplies
 `default_root_dir`, `logger` and `callbacks`: non-finite-loss stopping first, then the run's callbacks, then
 checkpointing (every `ckpt_every_n_steps` optimizer steps, keeping the previous checkpoint until the new one
 is complete).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
@@ -20,13 +22,14 @@ from locality.faults import StopOnNonFiniteLoss
 from locality.resume import KeepPreviousCheckpoint
 from locality.rundir import RunDir
 
-OWN_KEYS = ("ckpt_every_n_steps",)  # read here, not passed to the Trainer
+OWN_KEYS = ("ckpt_every_n_steps", "matmul_precision")  # read here, not passed to the Trainer
 SUPPLIED = ("default_root_dir", "logger", "callbacks")
 
 
 def build_trainer(
     cfg: DictConfig, run: RunDir, callbacks: list[Callback], logger: Logger | bool
 ) -> L.Trainer:
+    torch.set_float32_matmul_precision(cfg.matmul_precision)  # "high": TF32 matmuls on GPUs that have them
     checkpoint = KeepPreviousCheckpoint(
         dirpath=run.checkpoints, save_last=True, save_top_k=0, every_n_train_steps=cfg.ckpt_every_n_steps
     )

@@ -158,6 +158,12 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
         path, pretrained, init_from = str(checkpoint.path), True, f"pretrained:{checkpoint.key}"
         source = f"offline-pretrained {spec.arch} checkpoint {checkpoint.key}"
     model = _instantiate(spec, config, path, head)
+    if spec.gradient_checkpointing:
+        if not model.supports_gradient_checkpointing:
+            raise UserError(
+                f"model.gradient_checkpointing=true: {config.model_type} models do not support it."
+            )
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.arch is not None:
         model.train()  # a tiny preset comes back in training mode either way (from_pretrained gives eval mode)
     blocks_path, blocks = find_blocks(model.base_model, spec.blocks_path)
@@ -179,9 +185,10 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
 
 def _instantiate(spec: ModelConf, config, path: str | None, head: HeadKind) -> PreTrainedModel:
     auto_class, dtype = AUTO_CLASSES[head], getattr(torch, spec.dtype)
+    attention = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     try:
         if path is None:
-            return auto_class.from_config(config, dtype=dtype)
+            return auto_class.from_config(config, dtype=dtype, **attention)
         model, info = auto_class.from_pretrained(
             path,
             config=config,
@@ -189,6 +196,7 @@ def _instantiate(spec: ModelConf, config, path: str | None, head: HeadKind) -> P
             dtype=dtype,
             trust_remote_code=spec.trust_remote_code,
             output_loading_info=True,
+            **attention,
         )
     except ValueError as err:
         if "Unrecognized configuration class" not in str(err):

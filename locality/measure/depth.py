@@ -111,6 +111,7 @@ class DepthProfiler:
             "padding_side": tok.padding_side,
             "max_length": self.data.max_length,
             "model_config": self.backbone.model.config.to_diff_dict(),
+            "attention": getattr(self.backbone.model.config, "_attn_implementation", None),
             "dtype": str(next(self.backbone.base.parameters()).dtype),
             "precision": str(trainer.precision) if trainer is not None else None,
         }

@@ -1,0 +1,172 @@
+"""Training throughput of the framework: tokens/s and MFU for GPT-2-shaped models, standard vs equal-step, with
+and without `torch.compile` of the blocks.
+
+Each configuration is a `LocalityModule` under the framework's Trainer (`locality.trainer.build_trainer`, the
+default callbacks), built from the composed Hydra config as `locality/train.py` builds it, with random weights
+(`model=tiny_gpt2 model.init=random` plus `model.config_overrides` for the size; the vocabulary is the tiny
+preset's 4,096 tokens, so parameter counts are below GPT-2's). A callback times every optimizer step after
+`--warmup` steps; tokens/s = tokens per step / median step time. MFU = achieved FLOP/s / the GPU's dense bf16
+peak, with FLOPs per token = 6 N + 12 L d T (PaLM's estimate: N parameters, L layers, d width, T sequence
+length). On a GPU: bf16-mixed, SDPA attention, fused AdamW, TF32 matmuls. On a CPU (no peak, float32) it runs
+the tiny size as a check that the script works; its numbers are not the benchmark.
+
+    python bench/throughput.py                      # GPU: 124m and 355m; CPU: tiny
+    python bench/throughput.py --sizes 355m --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from locality.assembly import assemble  # noqa: E402
+from locality.checks import preflight, validate  # noqa: E402
+from locality.config import register_resolvers  # noqa: E402
+from locality.data.datamodule import LocalityDataModule  # noqa: E402
+from locality.module import LocalityModule  # noqa: E402
+from locality.paths import conf_dir  # noqa: E402
+from locality.quiet import quiet_libraries  # noqa: E402
+from locality.rundir import RunDir  # noqa: E402
+from locality.train import ratio_monitor  # noqa: E402
+from locality.trainer import build_trainer  # noqa: E402
+
+SIZES = {  # GPT-2 shapes: layers, width, heads
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
+    "124m": {"n_layer": 12, "n_embd": 768, "n_head": 12},
+    "355m": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
+}
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense FLOP/s
+
+
+class StepTimer(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self._last = warmup, [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._last is not None and trainer.global_step > self.warmup:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def measure(size: str, control: str, compiled: bool, args) -> dict:
+    gpu = torch.cuda.is_available()
+    shape = SIZES[size]
+    overrides = [
+        "model=tiny_gpt2",
+        "model.init=random",
+        *[f"++model.config_overrides.{k}={v}" for k, v in shape.items()],
+        f"++model.config_overrides.n_positions={max(args.seq_len, 128)}",
+        "objective=clm",
+        f"objective.max_length={args.seq_len}",
+        f"control={control}",
+        "logger=none",
+        f"data.batch_size={args.batch_size}",
+        f"trainer.max_steps={args.warmup + args.steps + 1}",
+        "trainer.enable_progress_bar=false",
+        "trainer.check_val_every_n_epoch=null",
+        f"trainer.ckpt_every_n_steps={10**6}",
+        *(
+            [
+                "trainer.accelerator=gpu",
+                "trainer.precision=bf16-mixed",
+                "trainer.deterministic=false",
+                "trainer.matmul_precision=high",
+                "optim.fused=true",
+                "model.attn_implementation=sdpa",
+            ]
+            if gpu
+            else ["trainer.accelerator=cpu"]
+        ),
+        *args.overrides,
+    ]
+    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = validate(compose("train", overrides=[*overrides, f"outputs_root={tmp}"]))
+        controls = preflight(cfg).controls
+        parts = assemble(cfg)
+        data = LocalityDataModule(
+            parts.splits, parts.objective, args.batch_size, args.batch_size, cfg.seed, 0
+        )
+        module = LocalityModule(
+            parts.backbone, parts.objective, instantiate(cfg.optim), instantiate(cfg.scheduler), controls
+        )
+        if compiled:
+            for block in module.blocks:
+                block.compile()
+        timer = StepTimer(args.warmup)
+        callbacks = [*controls, *filter(None, [ratio_monitor(cfg.measure, controls)]), timer]
+        trainer = build_trainer(cfg.trainer, RunDir(tmp), callbacks, False)
+        trainer.fit(module, datamodule=data)
+    n_params = parts.backbone.n_params
+    step_s = statistics.median(timer.times)
+    tokens = args.batch_size * args.seq_len  # padded to max_length by the packed-length texts: an upper bound
+    flops_per_token = 6 * n_params + 12 * shape["n_layer"] * shape["n_embd"] * args.seq_len
+    peak = peak_flops()
+    return {
+        "size": size,
+        "control": control,
+        "compile": compiled,
+        "params_M": n_params / 1e6,
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": tokens / step_s,
+        "mfu": flops_per_token * tokens / step_s / peak if peak else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--sizes", nargs="+", default=["124m", "355m"] if gpu else ["tiny"], choices=SIZES)
+    parser.add_argument("--batch-size", type=int, default=16 if gpu else 4)
+    parser.add_argument("--seq-len", type=int, default=1024 if gpu else 64)
+    parser.add_argument("--warmup", type=int, default=10 if gpu else 2)
+    parser.add_argument("--steps", type=int, default=40 if gpu else 5)
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides")
+    args = parser.parse_args()
+    register_resolvers()
+    quiet_libraries()
+    device = torch.cuda.get_device_name() if gpu else "CPU (a check of the script, not the benchmark)"
+    print(f"device: {device}; batch {args.batch_size} x {args.seq_len} tokens; median of {args.steps} steps")
+    print(f"{'size':<6}{'control':<12}{'compile':<9}{'params M':>9}{'step ms':>10}{'tokens/s':>11}{'MFU':>7}")
+    rows = {}
+    for size in args.sizes:
+        for compiled in (False, True):
+            for control in ("standard", "equal_step"):
+                r = rows[size, control, compiled] = measure(size, control, compiled, args)
+                mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+                print(
+                    f"{size:<6}{control:<12}{compiled!s:<9}{r['params_M']:>9.1f}{r['step_ms']:>10.1f}"
+                    f"{r['tokens_per_s']:>11.0f}{mfu:>7}"
+                )
+        for compiled in (False, True):
+            ratio = (
+                rows[size, "equal_step", compiled]["step_ms"] / rows[size, "standard", compiled]["step_ms"]
+            )
+            print(f"{size}: equal-step / standard step time (compile={compiled}): {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
