@@ -37,16 +37,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from locality.assembly import assemble  # noqa: E402
 from locality.backbones import no_cache  # noqa: E402
-from locality.config import register_resolvers  # noqa: E402
+from locality.config import compose_train  # noqa: E402
 from locality.data.datamodule import LocalityDataModule  # noqa: E402
 from locality.loggers import RunInfo, csv_logger  # noqa: E402
 from locality.module import LocalityModule  # noqa: E402
-from locality.paths import conf_dir  # noqa: E402
 from locality.resume import RunState  # noqa: E402
 from locality.rundir import RunDir  # noqa: E402
 from locality.train import ratio_monitor  # noqa: E402
@@ -149,13 +147,11 @@ def main() -> None:
         LocalityModule._train_metrics_wanted = lambda self: True
     torch.set_num_threads(args.threads)
 
-    register_resolvers()
     blocks = -(-args.steps // args.block)
     total = args.warmup + blocks * args.block + 1  # the last framework step is not timed
-    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_train(
+            [
                 *DEFAULT_OVERRIDES,
                 *args.overrides,
                 f"trainer.max_steps={total}",

@@ -33,16 +33,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from locality.assembly import assemble  # noqa: E402
-from locality.config import register_resolvers  # noqa: E402
+from locality.config import compose_train  # noqa: E402
 from locality.data.datamodule import LocalityDataModule  # noqa: E402
 from locality.measure.callback import ProfileMeasurement  # noqa: E402
 from locality.measure.depth import DepthProfiler  # noqa: E402
 from locality.module import LocalityModule  # noqa: E402
-from locality.paths import conf_dir  # noqa: E402
 from locality.resume import RunState  # noqa: E402
 from locality.rundir import RunDir  # noqa: E402
 from locality.train import ratio_monitor  # noqa: E402
@@ -80,7 +78,6 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides (e.g. measure.n_boot=200)")
     args = parser.parse_args()
 
-    register_resolvers()
     arch = f"{{n_layer: {args.layers}, n_embd: {args.width}, n_head: {args.heads}, n_positions: 1024}}"
     overrides = [
         "model=tiny_gpt2",
@@ -95,9 +92,9 @@ def main() -> None:
         "logger=csv",
         *args.overrides,
     ]
-    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(conf_dir()), version_base="1.3"):
+    with tempfile.TemporaryDirectory() as tmp:
         os.environ.setdefault("LOCALITY_CACHE", str(Path(tmp) / "cache"))
-        cfg = compose("train", overrides=[*overrides, f"outputs_root={tmp}"])
+        cfg = compose_train([*overrides, f"outputs_root={tmp}"])
         parts = assemble(cfg)
         splits, backbone, objective = parts.splits, parts.backbone, parts.objective
         data = LocalityDataModule(

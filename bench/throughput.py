@@ -28,15 +28,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
 from locality.assembly import assemble  # noqa: E402
 from locality.checks import preflight, validate  # noqa: E402
-from locality.config import register_resolvers  # noqa: E402
+from locality.config import compose_train  # noqa: E402
 from locality.data.datamodule import LocalityDataModule  # noqa: E402
 from locality.module import LocalityModule  # noqa: E402
-from locality.paths import conf_dir  # noqa: E402
 from locality.quiet import quiet_libraries  # noqa: E402
 from locality.rundir import RunDir  # noqa: E402
 from locality.train import ratio_monitor  # noqa: E402
@@ -101,8 +99,8 @@ def measure(size: str, control: str, compiled: bool, args) -> dict:
         ),
         *args.overrides,
     ]
-    with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        cfg = validate(compose("train", overrides=[*overrides, f"outputs_root={tmp}"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = validate(compose_train([*overrides, f"outputs_root={tmp}"]))
         controls = preflight(cfg).controls
         parts = assemble(cfg)
         data = LocalityDataModule(
@@ -146,7 +144,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40 if gpu else 5)
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides")
     args = parser.parse_args()
-    register_resolvers()
     quiet_libraries()
     device = torch.cuda.get_device_name() if gpu else "CPU (a check of the script, not the benchmark)"
     print(f"device: {device}; batch {args.batch_size} x {args.seq_len} tokens; median of {args.steps} steps")

@@ -176,6 +176,22 @@ def apply_schemas(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def compose_train(overrides: list[str]) -> DictConfig:
+    """`conf/train.yaml` with these overrides, composed outside `hydra.main` (the pretraining and NTK commands,
+    benchmarks); a config Hydra cannot compose is a UserError."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from locality.paths import conf_dir
+
+    register_resolvers()
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            return compose("train", overrides=overrides)
+    except HydraException as err:
+        raise UserError(f"Could not compose the config: {err}") from None
+
+
 def load_option(group: str, name: str) -> DictConfig:
     """One option of a config group (merged onto its schema where the group has one), outside Hydra (tests,
     notebooks)."""

@@ -97,7 +97,7 @@ class LocalityModule(L.LightningModule):
         """The training metrics are per-step values that reach the loggers every `log_every_n_steps`: on the
         other steps they are computed only if a control reads them (`Control.reads_step_metrics`). This saves a
         torchmetrics update per step (input checks that sync with a GPU) and changes no logged value."""
-        if self._trainer is None or any(getattr(c, "reads_step_metrics", False) for c in self.controls):
+        if self._trainer is None or any(c.reads_step_metrics for c in self.controls):
             return True
         # Lightning's own test for "log this step", asked before the step counter moves on, as its logging is
         return self.trainer._logger_connector.should_update_logs

@@ -59,20 +59,12 @@ def register() -> None:
 
 def compose_config(overrides: list[str]):
     """The training config (as `locality.train` composes it) and the `ntk` settings, apart."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
-    from locality.config import register_resolvers
-    from locality.paths import conf_dir
+    from locality.config import compose_train
 
-    register_resolvers()
     register()
-    try:
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=["+ntk=default", *overrides])
-    except HydraException as err:
-        raise UserError(f"Could not compose the config: {err}") from None
+    cfg = compose_train(["+ntk=default", *overrides])
     ntk = NtkConf(**OmegaConf.to_container(cfg.ntk))
     train_cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "ntk"])
     if ntk.params not in PARAMS or ntk.method not in METHODS:

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import sys
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-
 from locality.backbones import load_tokenizer, peek_family
 from locality.backbones.pretrained import pretrained_checkpoint, summary_line
 from locality.checks import validate
-from locality.config import ModelConf, register_resolvers
+from locality.config import ModelConf, compose_train
 from locality.errors import EXIT_USER_ERROR, UserError, report
-from locality.paths import conf_dir
 from locality.quiet import quiet_libraries
 
 
@@ -25,7 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in overrides):
         print(__doc__)
         return 0
-    register_resolvers()
     quiet_libraries()
     try:
         if not any(a.startswith("model=") for a in overrides):
@@ -33,12 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                 "Name the preset to pretrain: `python -m locality.pretrain model=tiny_gpt2` (any "
                 "tiny_* preset; `model.pretrain.steps=N` etc. change the recipe, force=true redoes it)."
             )
-        try:
-            with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-                cfg = compose("train", overrides=overrides)
-        except HydraException as err:
-            raise UserError(f"Could not compose the config: {err}") from None
-        cfg = validate(cfg)
+        cfg = validate(compose_train(overrides))
         spec = ModelConf(**cfg.model)
         if spec.arch is None:
             raise UserError(
