@@ -16,8 +16,9 @@ update-ratio history, the dynamics captures, LP-FT's phase); the train loader sa
 - `AppendingCSVLogger`: a relaunch continues `csv/metrics.csv` instead of deleting it; rows the interrupted
   attempt logged after its last checkpoint (work that is redone) are dropped, so the file holds every step
   once, as in an uninterrupted run.
-- `KeepPreviousCheckpoint`: the `last.ckpt` being replaced is kept as `previous.ckpt`, the way out when
-  `last.ckpt` is damaged (see `locality.rundir.RunDir.check_checkpoint`).
+- `KeepPreviousCheckpoint`: a new `last.ckpt` takes its place only after the rows logged before it are on
+  disk, and the one it replaces is kept as `previous.ckpt`, the way out when `last.ckpt` is damaged (see
+  `locality.rundir.RunDir.check_checkpoint`).
 
 In a multi-process run every rank starts from the same seed and draws the same numbers, so rank zero's
 generator states (the ones in the checkpoint) are restored on every rank. Random draws inside data-loader
@@ -45,6 +46,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 PREVIOUS_CHECKPOINT = "previous.ckpt"
+PENDING_CHECKPOINT = "pending.ckpt"  # written, not yet in place as last.ckpt (KeepPreviousCheckpoint)
 
 
 def rng_state() -> dict[str, Any]:
@@ -203,9 +205,15 @@ class AppendingCSVLogger(CSVLogger):
 
 
 class KeepPreviousCheckpoint(ModelCheckpoint):
-    """`ModelCheckpoint` that renames the `last.ckpt` it is about to replace to `previous.ckpt` (a rename, no
-    copy). Lightning writes a checkpoint to a temporary file and moves it into place, but across file systems
-    that move is a copy that a kill can cut short; the previous checkpoint then survives untouched."""
+    """`ModelCheckpoint` whose `last.ckpt` is never ahead of the logs, and never the only copy.
+
+    Lightning saves a step's checkpoint in `on_train_batch_end`, before it logs that step's training metrics,
+    and CSV rows logged straight to a logger wait in memory for the next flush. A kill in that window used to
+    leave a `last.ckpt` for step S while metrics.csv lacked rows of steps before S, which the relaunch never
+    logs again. So a new last.ckpt is written as `pending.ckpt` and moved into place at the next hook (the
+    next batch, validation, epoch or the end of fit), after the loggers have written what they hold. The
+    `last.ckpt` it replaces becomes `previous.ckpt` (renames, no copy): when a kill cuts a write short, the
+    checkpoint before it survives untouched."""
 
     @property
     def state_key(self) -> str:
@@ -214,10 +222,38 @@ class KeepPreviousCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         last = Path(filepath)
-        if (
-            trainer.is_global_zero
-            and last.name == self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION
-            and last.is_file()
-        ):
+        if last.name != self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION:
+            super()._save_checkpoint(trainer, filepath)
+            return
+        super()._save_checkpoint(trainer, str(last.with_name(PENDING_CHECKPOINT)))
+        self._last_checkpoint_saved = filepath
+
+    def _commit(self, trainer) -> None:
+        """Flush the loggers, then put a pending checkpoint in place as last.ckpt (previous.ckpt keeps the old)."""
+        if self.dirpath is None or not trainer.is_global_zero:
+            return
+        pending = Path(self.dirpath) / PENDING_CHECKPOINT
+        if not pending.exists():
+            return
+        for logger in trainer.loggers:
+            logger.save()
+        last = pending.with_name(self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        if last.exists():
             os.replace(last, last.with_name(PREVIOUS_CHECKPOINT))
-        super()._save_checkpoint(trainer, filepath)
+        os.replace(pending, last)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._commit(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._commit(trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._commit(trainer)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._commit(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._commit(trainer)

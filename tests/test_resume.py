@@ -22,6 +22,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import FAST as TRAIN_FAST
+from lightning.pytorch.loggers import Logger
 from torch import nn
 
 from locality.controls import EqualStep
@@ -96,13 +97,15 @@ class Stop(L.Callback):
             raise Killed
 
 
-def fit(tmp_path: Path, n_train: int, stop_at: int | None = None, max_steps: int = 25):
+def fit(
+    tmp_path: Path, n_train: int, stop_at: int | None = None, max_steps: int = 25, watch: Logger | None = None
+):
     L.seed_everything(0, verbose=False)
     module, state, control = Toy(), RunState(), EqualStep()
     trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=-1,
-        logger=AppendingCSVLogger(tmp_path, name="csv", version=""),
+        logger=[*([watch] if watch else []), AppendingCSVLogger(tmp_path, name="csv", version="")],
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -127,6 +130,42 @@ def fit(tmp_path: Path, n_train: int, stop_at: int | None = None, max_steps: int
 def logged_steps(run: Path) -> list[int]:
     with open(run / "csv" / "metrics.csv", newline="") as f:
         return [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+class KillWatch(Logger):
+    """Listed before the CSV logger: every time Lightning logs, it looks at what a kill at that moment would
+    leave on disk (the step of last.ckpt, the training steps in metrics.csv)."""
+
+    def __init__(self, run: Path):
+        super().__init__()
+        self.run, self.views, self._seen = run, [], None
+
+    name = version = "watch"
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        last = self.run / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            return
+        if self._seen is None or self._seen[0] != last.stat().st_mtime_ns:
+            self._seen = last.stat().st_mtime_ns, torch.load(last, weights_only=False)["global_step"]
+        on_disk = logged_steps(self.run) if (self.run / "csv" / "metrics.csv").is_file() else []
+        self.views.append((self._seen[1], on_disk))
+
+
+def test_last_ckpt_is_never_ahead_of_the_metrics_on_disk(tmp_path):
+    """A step's checkpoint is saved before Lightning logs that step's training row: a kill right after
+    last.ckpt appeared lost rows that the relaunch never logs again (found by CI's kill-and-relaunch test)."""
+    watch = KillWatch(tmp_path)
+    fit(tmp_path, 44, watch=watch)
+    assert {step for step, _ in watch.views} >= {5, 10, 15, 20}
+    behind = [(step, steps) for step, steps in watch.views if steps[:step] != list(range(step))]
+    assert behind == [], f"last.ckpt at step {behind[0][0]} while metrics.csv holds steps {behind[0][1]}"
+    assert logged_steps(tmp_path) == list(range(25))
+    assert not (tmp_path / "checkpoints" / "pending.ckpt").exists()
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 25
 
 
 @pytest.mark.parametrize(("n_train", "where"), [(44, "mid-epoch"), (40, "at an epoch's end")])
