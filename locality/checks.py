@@ -145,6 +145,9 @@ def check_components(cfg: DictConfig) -> None:
     check_component(cfg.optim, "optim", supplied_elsewhere=("params",))
     check_component(cfg.scheduler, "scheduler", supplied_elsewhere=("optimizer", "total_steps"))
     check_component(cfg.trainer, "trainer", supplied_elsewhere=SUPPLIED, extra_keys=OWN_KEYS)
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, DictConfig) and "_target_" in strategy:  # a strategy object (trainer=fsdp)
+        check_component(strategy, "trainer.strategy")
     check_component(cfg.logger, "logger", supplied_elsewhere=("info",))
 
 
@@ -244,6 +247,7 @@ def preflight(cfg: DictConfig) -> Preflight:
     family = spec.family or family_of(config)
     objective_class(cfg.objective, family=family).check_family(family, config)
     check_control_combination(controls, cfg.model.dtype)
+    check_sharding(cfg, controls)
     n_blocks = peek_n_blocks(config)
     if n_blocks is not None:
         for control in controls:
@@ -273,6 +277,44 @@ def check_control_combination(controls: list, dtype: str) -> None:
             "matrices' own ratios while the effective weights W0 + s*BA, whose ||dW||/||W|| the paper "
             "means, move with a spread of about 3 across blocks. Use equal_step with full fine-tuning, "
             "or lora with control=standard."
+        )
+
+
+def check_sharding(cfg: DictConfig, controls: list) -> None:
+    """FSDP2 (`trainer=fsdp`, any ModelParallelStrategy): what is not supported on DTensor shards is refused
+    here, not after the model is loaded; Lightning's FSDP1 (`strategy=fsdp`) is pointed to trainer=fsdp."""
+    strategy = cfg.trainer.get("strategy")
+    if isinstance(strategy, str) and strategy.startswith("fsdp"):
+        raise UserError(
+            f"trainer.strategy={strategy} is Lightning's FSDP1, whose flat parameters split blocks across ranks "
+            "(per-block update ratios and equal-step cannot be computed). Use trainer=fsdp (FSDP2, one shard "
+            "of every block per process)."
+        )
+    if not (isinstance(strategy, DictConfig) and "_target_" in strategy):
+        return
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from locality.components import target_of
+
+    if not issubclass(target_of(strategy, "trainer.strategy"), ModelParallelStrategy):
+        return
+    problems = [
+        f"control {c.name} (not supported on sharded parameters)" for c in controls if not c.supports_sharding
+    ]
+    if cfg.model.dtype != "float32":
+        problems.append(
+            f"model.dtype={cfg.model.dtype} (the shards stay float32; compute in bf16 with "
+            "trainer.strategy.param_dtype=bfloat16)"
+        )
+    if cfg.measure.ntk:
+        problems.append("measure.ntk=true (the kernel needs every parameter on one process)")
+    if cfg.measure.drop_top_k:
+        problems.append("measure.drop_top_k (evaluating with blocks removed needs the unsharded model)")
+    if problems:
+        raise UserError(
+            "trainer=fsdp (FSDP2 sharding) does not support: "
+            + "; ".join(problems)
+            + ". Supported there: controls standard, equal_step, freeze and llrd, and every depth-profile metric."
         )
 
 

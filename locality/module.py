@@ -23,6 +23,7 @@ from locality.backbones import Backbone
 from locality.controls.base import Control
 from locality.objectives import Objective
 from locality.optim_groups import decay_split
+from locality.sharding import shard_module
 
 
 class LocalityModule(L.LightningModule):
@@ -69,9 +70,13 @@ class LocalityModule(L.LightningModule):
         return {"weight_decay": 0.0, **self.optimizer_factory.keywords}
 
     def configure_model(self) -> None:
+        """The controls rewrite the model (LoRA, freezing); under FSDP2 (`trainer=fsdp`) it is then sharded one
+        block at a time (`locality.sharding`)."""
         if not self._models_configured:  # Lightning may call this again on resume
             for control in self.controls:
                 control.configure_model(self)
+            if self._device_mesh is not None:  # set by Lightning's ModelParallelStrategy
+                shard_module(self, self._device_mesh, getattr(self.trainer.strategy, "plan", None))
             self._models_configured = True
 
     def forward(self, batch: dict[str, torch.Tensor]):

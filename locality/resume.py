@@ -45,6 +45,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from locality.rundir import remove_checkpoint
+
 PREVIOUS_CHECKPOINT = "previous.ckpt"
 PENDING_CHECKPOINT = "pending.ckpt"  # written, not yet in place as last.ckpt (KeepPreviousCheckpoint)
 
@@ -225,7 +227,10 @@ class KeepPreviousCheckpoint(ModelCheckpoint):
         if last.name != self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION:
             super()._save_checkpoint(trainer, filepath)
             return
-        super()._save_checkpoint(trainer, str(last.with_name(PENDING_CHECKPOINT)))
+        pending = last.with_name(PENDING_CHECKPOINT)
+        if trainer.is_global_zero and pending.exists():  # a killed attempt's: shards must not mix with it
+            remove_checkpoint(pending)
+        super()._save_checkpoint(trainer, str(pending))  # a multi-process save syncs the ranks first
         self._last_checkpoint_saved = filepath
 
     def _commit(self, trainer) -> None:
@@ -239,7 +244,10 @@ class KeepPreviousCheckpoint(ModelCheckpoint):
             logger.save()
         last = pending.with_name(self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
         if last.exists():
-            os.replace(last, last.with_name(PREVIOUS_CHECKPOINT))
+            previous = last.with_name(PREVIOUS_CHECKPOINT)
+            if previous.is_dir():  # a folder of shards is not replaced by a rename
+                remove_checkpoint(previous)
+            os.replace(last, previous)
         os.replace(pending, last)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import traceback
@@ -46,7 +47,7 @@ class RunDir:
         """The checkpoint a relaunch resumes from: last.ckpt, or previous.ckpt (the one before it, kept by
         `locality.resume.KeepPreviousCheckpoint`) when the run was killed while writing a new last.ckpt."""
         for name in ("last.ckpt", "previous.ckpt"):
-            if (self.checkpoints / name).is_file():
+            if (self.checkpoints / name).exists():  # a file, or a folder of shards (FSDP2)
                 return str(self.checkpoints / name)
         return None
 
@@ -100,7 +101,7 @@ class RunDir:
         """Forget a previous attempt (force=true): its results and checkpoints must not be resumed."""
         self.results_path.unlink(missing_ok=True)
         for checkpoint in self.checkpoints.glob("*.ckpt"):
-            checkpoint.unlink()
+            remove_checkpoint(checkpoint)
 
     @property
     def config_path(self) -> Path:
@@ -140,11 +141,23 @@ def _checkpoint_step(path: Path) -> tuple[int | None, str | None]:
     tensors are not read, only the file's structure and the pickled state."""
     import torch
 
+    if (
+        path.is_dir()
+    ):  # a sharded checkpoint (FSDP2): Lightning keeps the loop state in meta.pt beside the shards
+        path = path / "meta.pt"
     try:
         checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
         return int(checkpoint["global_step"]), None
     except Exception as err:  # a truncated zip, a bad pickle, a missing key: all mean "cannot resume"
         return None, " ".join(f"{type(err).__name__}: {err}".split())[:200]
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint: one file, or a folder of shards (FSDP2's distributed checkpoint)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _get(cfg: DictConfig, dotted: str):

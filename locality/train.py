@@ -41,6 +41,7 @@ from locality.data.datamodule import LocalityDataModule
 from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
 from locality.faults import storage_error
 from locality.identity import config_hash, control_name, setting_hash
+from locality.launch import children_run_this_job
 from locality.loggers import RunInfo, finish_wandb
 from locality.measure.callback import ProfileMeasurement
 from locality.measure.cross_layer import save_cross_layer
@@ -146,6 +147,7 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         run_state,
     ]
     trainer = attempt.trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
+    children_run_this_job()  # a multi-process run in a sweep: the processes Lightning starts run this job
     fit_started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
     fit_s = time.perf_counter() - fit_started  # this segment's; includes the measurement before and after

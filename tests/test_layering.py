@@ -42,8 +42,8 @@ LAYERS = [
             "results",
         )
     ],
-    *[(f"locality.{name}", 3) for name in ("schedules", "rundir", "resume", "faults")],
-    *[(f"locality.{name}", 4) for name in ("module", "checks", "loggers", "trainer", "assembly")],
+    *[(f"locality.{name}", 3) for name in ("schedules", "rundir", "resume", "faults", "sharding")],
+    *[(f"locality.{name}", 4) for name in ("module", "checks", "loggers", "trainer", "assembly", "launch")],
     *[(f"locality.{name}", 5) for name in ("train", "pretrain", "ntk", "plan", "sweep", "analyze")],
     ("locality", 1),  # the package's own __init__
 ]

@@ -60,6 +60,9 @@ class Control(Callback):
     # True if the control reads the training metrics (trainer.callback_metrics "train/acc") after every step;
     # otherwise the module computes them only on the steps that log them (every `log_every_n_steps`).
     reads_step_metrics: bool = False
+    # True if the control is tested under FSDP2 (trainer=fsdp), where parameters are DTensor shards: controls
+    # that keep copies of the weights or rewrite the forward are refused there before any work.
+    supports_sharding: bool = False
 
     def check_model(self, n_blocks: int) -> None:
         """Raise ValueError if an argument does not fit a model with `n_blocks` blocks (before it is loaded)."""

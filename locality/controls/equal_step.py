@@ -85,6 +85,7 @@ class EqualStep(UpdateRatioMonitor, Control):
     """
 
     name = "equal_step"
+    supports_sharding = True
 
     def __init__(self, target: Target = "mean", include: Sequence[str] = (), decay: str = "scaled") -> None:
         super().__init__(include=include)

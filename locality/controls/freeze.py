@@ -13,6 +13,7 @@ from locality.controls.base import Control
 
 class Freeze(Control):
     name = "freeze"
+    supports_sharding = True
 
     def __init__(
         self, bottom: int | None = None, blocks: Sequence[int] | None = None, embeddings: bool = True

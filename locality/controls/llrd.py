@@ -11,6 +11,7 @@ from locality.controls.base import Control
 
 class LayerwiseLRDecay(Control):
     name = "llrd"
+    supports_sharding = True
 
     def __init__(self, decay: float = 0.8):
         if not 0 < decay <= 1:

@@ -3,6 +3,7 @@
 - `setup` (before `configure_model` and before a checkpoint is restored, so always on the pretrained
   weights): the pre-fine-tuning capture (cached), the pretrained snapshot and the step-0 quantities (`init`),
   on the trainer's device and in its precision; with `measure.ntk`, the empirical NTK per block (`ntk`).
+- `on_fit_start` (FSDP2 only): the pretrained references are cut to this rank's shards.
 - `on_fit_end` (the fine-tuned weights, still on the training device): the first steps' update ratios from
   the update-ratio monitor, if one ran, then the post-fine-tuning capture and every metric with its interval.
   The outcome is `results` (the `change`, `profile`, ... entries of results.json).
@@ -35,6 +36,9 @@ class ProfileMeasurement(L.Callback):
                 examples = self.profiler.data.splits.train[: cfg.ntk_examples]
                 self.ntk = ntk_profile(pl_module, examples, params=cfg.ntk_params)
             self._measured_before = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.profiler.to_local_shards()  # FSDP2: the model is sharded by now, the weights still pretrained
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         monitor = next((c for c in trainer.callbacks if isinstance(c, UpdateRatioMonitor)), None)

@@ -37,6 +37,7 @@ from torch.func import functional_call
 
 from locality.backbones import no_cache
 from locality.measure.similarity import token_cosine_sums
+from locality.measure.update_core import is_dtensor
 from locality.pooling import pool
 
 
@@ -147,6 +148,27 @@ def pretrained_parameters(base: nn.Module, snapshot: dict[str, torch.Tensor]) ->
     return out
 
 
+def run_with_weights(base: nn.Module, weights: dict[str, torch.Tensor], inputs: dict) -> None:
+    """Run `base(**inputs)` with `weights` (by parameter name) in place of its parameters.
+
+    A plain model runs through `torch.func.functional_call`. An FSDP2 model cannot: its pre-forward
+    all-gather sets the gathered parameters over any substitute. There `weights` hold this rank's shards
+    (`locality.measure.weights.local_shard`), copied into the parameters' local shards for the forward and
+    the current values copied back after it (one extra shard-sized buffer; no rank gathers the model).
+    """
+    sharded = [(p, weights[name]) for name, p in base.named_parameters() if is_dtensor(p) and name in weights]
+    if not sharded:
+        functional_call(base, weights, args=(), kwargs=inputs, strict=False)
+        return
+    local = [p.to_local() for p, _ in sharded]
+    current = [t.clone() for t in local]
+    torch._foreach_copy_(local, [w for _, w in sharded])
+    try:
+        base(**inputs)
+    finally:
+        torch._foreach_copy_(local, current)
+
+
 def _capture(
     base: nn.Module,
     blocks: nn.ModuleList,
@@ -185,7 +207,7 @@ def _capture(
                     continue
                 post = list(sink)
                 with forward_context():
-                    functional_call(base, reference, args=(), kwargs=inputs, strict=False)
+                    run_with_weights(base, reference, inputs)
                 per_layer = [
                     token_cosine_sums(pre, after, mask) for pre, after in zip(sink, post, strict=True)
                 ]

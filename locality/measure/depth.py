@@ -54,7 +54,15 @@ from locality.measure.similarity import (
     layer_changes,
     token_change,
 )
-from locality.measure.weights import snapshot_blocks, snapshot_parameters, weight_rel
+from locality.measure.update_core import is_dtensor
+from locality.measure.weights import (
+    is_sharded,
+    local_shard,
+    snapshot_blocks,
+    snapshot_parameters,
+    to_local_shards,
+    weight_rel,
+)
 from locality.paths import cache_dir
 
 
@@ -147,6 +155,20 @@ class DepthProfiler:
         self.timings["init_s"] = time.perf_counter() - start
         grad = self.init["grad_rel"]
         self.init["grad_rel_slope"] = _slope_over_blocks(grad)
+
+    def to_local_shards(self) -> None:
+        """Under FSDP2, once the model is sharded (training starts, before a checkpoint is restored): keep only
+        this rank's shards of the pretrained weights (weight_rel's reference, cosine_tokens' snapshot)."""
+        base = self.backbone.base
+        if not is_sharded(base):
+            return
+        to_local_shards(self.backbone.blocks, self.reference)
+        if self.pretrained is not None:
+            params = dict(base.named_parameters())
+            self.pretrained = {
+                name: local_shard(value, params[name]) if is_dtensor(params.get(name)) else value
+                for name, value in self.pretrained.items()
+            }
 
     @property
     def _cross_layer_tokens(self) -> bool:

@@ -36,7 +36,7 @@ def _check_target(target: Target) -> Target:
     raise ValueError(f"EqualStep target must be one of {TARGETS}, a positive float, or None; got {target!r}.")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
@@ -53,7 +53,7 @@ def shard_group(params: Sequence[torch.Tensor]) -> dist.ProcessGroup | None:
     FSDP2 (`fully_shard`) shards each parameter on dim 0 over one mesh dimension; HSDP adds a Replicate
     dimension, over which nothing needs summing. Tensor parallelism (a second Shard dimension) is refused.
     """
-    found = {_is_dtensor(p) for p in params}
+    found = {is_dtensor(p) for p in params}
     if found == {False}:
         return None
     if found == {True, False}:
@@ -154,7 +154,7 @@ class EqualStepCore:
 
     def _local(self) -> list[torch.Tensor]:
         # Resolved every step: FSDP2 may swap a DTensor's local tensor during its lazy init.
-        return [t.to_local() if _is_dtensor(t) else t for t in self.tensors]
+        return [t.to_local() if is_dtensor(t) else t for t in self.tensors]
 
     def attach(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
         """Snapshot before and update after every real `optimizer.step()`; returns the hook handles."""
@@ -240,7 +240,7 @@ class EqualStepCore:
     def _gradients(self) -> list[torch.Tensor]:
         """Every tensor's (local) gradient; a tensor without one counts as a zero gradient."""
         grads = [torch.zeros((), device=t.device) if t.grad is None else t.grad for t in self.tensors]
-        return [g.to_local() if _is_dtensor(g) else g for g in grads]
+        return [g.to_local() if is_dtensor(g) else g for g in grads]
 
     def _decay_factors(self) -> list[tuple[list[int], float]]:
         """(tensor indices, lr * weight_decay) per optimizer parameter group with decay, read at this step."""

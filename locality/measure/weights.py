@@ -1,9 +1,17 @@
-"""Relative weight change per block, ||W_ft - W_pre|| / ||W_pre||, over each block's parameters together."""
+"""Relative weight change per block, ||W_ft - W_pre|| / ||W_pre||, over each block's parameters together.
+
+Under FSDP2 the blocks' parameters are DTensor shards: `to_local_shards` cuts the (full, host) pretrained
+reference to this rank's shards once training starts, and `weight_rel` sums squares over local shards and
+adds them across ranks with one all-reduce, so no rank gathers the model.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from locality.measure.update_core import is_dtensor, shard_group
 
 
 def block_state(block: nn.Module) -> dict[str, torch.Tensor]:
@@ -53,10 +61,61 @@ def snapshot_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def weight_rel(blocks: nn.ModuleList, reference: list[dict[str, torch.Tensor]]) -> list[float]:
-    out = []
+    states = [block_state(block) for block in blocks]
+    sums = torch.tensor(
+        [
+            [
+                sum(
+                    float((_local(after[k]).double().cpu() - v.double()).pow(2).sum())
+                    for k, v in before.items()
+                ),
+                sum(float(v.double().pow(2).sum()) for v in before.values()),
+            ]
+            for after, before in zip(states, reference, strict=True)
+        ],
+        dtype=torch.float64,
+    )
+    group = shard_group([p for state in states for p in state.values()])
+    if group is not None:  # local shards: one all-reduce adds them up across ranks
+        device = _local(next(iter(states[0].values()))).device
+        sums = sums.to(device)
+        dist.all_reduce(sums, group=group)
+        sums = sums.cpu()
+    return [(delta / norm) ** 0.5 if norm > 0 else float("nan") for delta, norm in sums.tolist()]
+
+
+def to_local_shards(blocks: nn.ModuleList, reference: list[dict[str, torch.Tensor]]) -> None:
+    """Replace, in place, every reference tensor whose block parameter is a DTensor by this rank's shard of it."""
     for block, before in zip(blocks, reference, strict=True):
-        after = block_state(block)
-        delta = sum(float((after[k].float().cpu() - v).pow(2).sum()) for k, v in before.items())
-        norm = sum(float(v.pow(2).sum()) for v in before.values())
-        out.append((delta / norm) ** 0.5 if norm > 0 else float("nan"))
-    return out
+        state = block_state(block)
+        for name, full in before.items():
+            if is_dtensor(state[name]):
+                before[name] = local_shard(full, state[name])
+
+
+def local_shard(full: torch.Tensor, like) -> torch.Tensor:
+    """This rank's piece of `full` as DTensor `like` holds it (FSDP2 splits with `torch.chunk` per Shard dim)."""
+    from torch.distributed.tensor import Shard
+
+    local = full
+    coordinate = like.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(like.placements):
+        if isinstance(placement, Shard):
+            chunks = torch.chunk(local, like.device_mesh.size(mesh_dim), dim=placement.dim)
+            index = coordinate[mesh_dim]
+            local = chunks[index] if index < len(chunks) else local.narrow(placement.dim, 0, 0)
+    if local.shape != like.to_local().shape:
+        raise ValueError(
+            f"cannot cut the pretrained reference {tuple(full.shape)} to this rank's shard "
+            f"{tuple(like.to_local().shape)} (placements {like.placements})"
+        )
+    return local.clone()
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `module` holds FSDP2 (DTensor) parameters."""
+    return any(is_dtensor(p) for p in module.parameters())
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if is_dtensor(tensor) else tensor
