@@ -217,6 +217,10 @@ class KeepPreviousCheckpoint(ModelCheckpoint):
     `last.ckpt` it replaces becomes `previous.ckpt` (renames, no copy): when a kill cuts a write short, the
     checkpoint before it survives untouched."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._complete: Path | None = None  # a pending.ckpt whose write returned, not yet in place
+
     @property
     def state_key(self) -> str:
         # ModelCheckpoint's own key: checkpoints written before this subclass existed resume the same way.
@@ -228,17 +232,17 @@ class KeepPreviousCheckpoint(ModelCheckpoint):
             super()._save_checkpoint(trainer, filepath)
             return
         pending = last.with_name(PENDING_CHECKPOINT)
+        self._complete = None
         if trainer.is_global_zero and pending.exists():  # a killed attempt's: shards must not mix with it
             remove_checkpoint(pending)
         super()._save_checkpoint(trainer, str(pending))  # a multi-process save syncs the ranks first
+        self._complete = pending  # only a write that returned is ever put in place
         self._last_checkpoint_saved = filepath
 
     def _commit(self, trainer) -> None:
         """Flush the loggers, then put a pending checkpoint in place as last.ckpt (previous.ckpt keeps the old)."""
-        if self.dirpath is None or not trainer.is_global_zero:
-            return
-        pending = Path(self.dirpath) / PENDING_CHECKPOINT
-        if not pending.exists():
+        pending, self._complete = self._complete, None
+        if pending is None or not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
             logger.save()

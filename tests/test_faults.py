@@ -110,7 +110,7 @@ def test_a_full_disk_mid_run_is_one_clear_error_and_keeps_the_last_checkpoint(tr
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert not (run_dir / "results.json").exists()
     assert "No space left on device" in json.loads((run_dir / "failed.json").read_text())["reason"]
-    kept = torch.load(run_dir / "checkpoints" / "previous.ckpt", weights_only=False, map_location="cpu")
+    kept = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert kept["global_step"] == 2  # the write that failed replaced nothing
     monkeypatch.setattr(torch_io, "_atomic_save", real_save)  # space freed: the same command resumes
     results = train(
