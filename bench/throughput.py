@@ -107,11 +107,13 @@ def measure(size: str, control: str, compiled: bool, args) -> dict:
             parts.splits, parts.objective, args.batch_size, args.batch_size, cfg.seed, 0
         )
         module = LocalityModule(
-            parts.backbone, parts.objective, instantiate(cfg.optim), instantiate(cfg.scheduler), controls
+            parts.backbone,
+            parts.objective,
+            instantiate(cfg.optim),
+            instantiate(cfg.scheduler),
+            controls,
+            compile=compiled,  # trainer.compile: each block's forward
         )
-        if compiled:
-            for block in module.blocks:
-                block.compile()
         timer = StepTimer(args.warmup)
         callbacks = [*controls, *filter(None, [ratio_monitor(cfg.measure, controls)]), timer]
         trainer = build_trainer(cfg.trainer, RunDir(tmp), callbacks, False)

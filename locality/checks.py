@@ -36,6 +36,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
+COMPILE = (False, True, "inductor", "aot_eager", "eager")  # trainer.compile: true is inductor
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,7 @@ def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
         "trainer.precision": (str(cfg.trainer.precision), typing.get_args(_PRECISION_INPUT_STR)),
         "trainer.accelerator": (cfg.trainer.accelerator, ACCELERATORS),
         "trainer.matmul_precision": (cfg.trainer.matmul_precision, MATMUL_PRECISIONS),
+        "trainer.compile": (cfg.trainer.compile, COMPILE),
         "measure.pooling": (cfg.measure.pooling, POOLINGS),
         "measure.ci_method": (cfg.measure.ci_method, ("basic", "percentile")),
         "measure.plugin_ci": (cfg.measure.plugin_ci, ("jackknife", "bootstrap")),
@@ -216,7 +218,8 @@ def _check_choices(cfg: DictConfig) -> None:
         )
     for key, (value, valid) in choices.items():
         if value not in valid:
-            raise UserError(f"{key}={value!r} is not a valid choice; choose one of: {', '.join(valid)}.")
+            listed = ", ".join(str(v).lower() if isinstance(v, bool) else v for v in valid)
+            raise UserError(f"{key}={value!r} is not a valid choice; choose one of: {listed}.")
     unknown = [m for m in cfg.measure.metrics if m not in MEASURE_METRICS]
     if unknown:
         raise UserError(

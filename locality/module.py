@@ -34,6 +34,7 @@ class LocalityModule(L.LightningModule):
         optimizer: partial[torch.optim.Optimizer],
         scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler] | None = None,
         controls: Sequence[Control] = (),
+        compile: bool | str = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -44,6 +45,7 @@ class LocalityModule(L.LightningModule):
         self.controls = list(controls)
         self.train_metrics = objective.metrics().clone(prefix="train/")
         self.val_metrics = objective.metrics().clone(prefix="val/")
+        self.compile_backend = "inductor" if compile is True else (compile or None)
         self._models_configured = False
 
     @property
@@ -70,14 +72,24 @@ class LocalityModule(L.LightningModule):
         return {"weight_decay": 0.0, **self.optimizer_factory.keywords}
 
     def configure_model(self) -> None:
-        """The controls rewrite the model (LoRA, freezing); under FSDP2 (`trainer=fsdp`) it is then sharded one
-        block at a time (`locality.sharding`)."""
+        """The controls rewrite the model (LoRA, freezing); then, with `trainer.compile`, each block's forward
+        is compiled, and under FSDP2 (`trainer=fsdp`) the model is sharded one block at a time
+        (`locality.sharding`)."""
         if not self._models_configured:  # Lightning may call this again on resume
             for control in self.controls:
                 control.configure_model(self)
+            if self.compile_backend is not None:
+                self._compile_blocks(self.compile_backend)
             if self._device_mesh is not None:  # set by Lightning's ModelParallelStrategy
                 shard_module(self, self._device_mesh, getattr(self.trainer.strategy, "plan", None))
             self._models_configured = True
+
+    def _compile_blocks(self, backend: str) -> None:
+        """`torch.compile` each block's `forward` (`trainer.compile`): hooks on the block (capture, FSDP2's
+        gathers, activation checkpointing) run around the compiled code, and identical blocks share one
+        compiled graph. Measurement before training runs before this, on the eager model."""
+        for block in self.blocks:
+            block.forward = torch.compile(block.forward, backend=backend)
 
     def forward(self, batch: dict[str, torch.Tensor]):
         return self.objective(self.model, batch)

@@ -123,7 +123,14 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
     data = LocalityDataModule(
         splits, objective, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.num_workers
     )
-    module = LocalityModule(backbone, objective, instantiate(cfg.optim), instantiate(cfg.scheduler), controls)
+    module = LocalityModule(
+        backbone,
+        objective,
+        instantiate(cfg.optim),
+        instantiate(cfg.scheduler),
+        controls,
+        compile=cfg.trainer.compile,
+    )
     if is_main_process():
         print(backbone.describe())
 

@@ -53,3 +53,29 @@ def test_matmul_precision_is_set_by_the_trainer(tmp_path):
         assert torch.get_float32_matmul_precision() == "high"
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_compiled_blocks_train_and_measure_as_the_eager_ones(train):
+    """`trainer.compile` compiles each block's forward (aot_eager here: dynamo and AOT autograd without a C++
+    build); the capture hooks on the blocks still record, and every number matches the eager run."""
+    from torch._dynamo.utils import counters
+
+    run = [
+        "model=tiny_gpt2",
+        "model.init=random",
+        "objective=cls",
+        "objective.head_dropout=0.0",
+        *[f"+model.config_overrides.{k}=0.0" for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")],
+        "seed=21",  # a seed no other test uses
+    ]
+    torch._dynamo.reset()
+    counters.clear()
+    eager = train(*run)
+    assert counters["stats"]["unique_graphs"] == 0
+    compiled = train(*run, "trainer.compile=aot_eager")
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks' forwards went through dynamo
+    assert compiled["run"]["name"] != eager["run"]["name"]
+    for metric in ("cosine", "cosine_tokens", "cka_debiased", "weight_rel"):
+        torch.testing.assert_close(compiled["change"][metric], eager["change"][metric], rtol=1e-4, atol=1e-9)
+    assert compiled["final"]["loss"] == pytest.approx(eager["final"]["loss"], rel=1e-5)
+    torch._dynamo.reset()
