@@ -373,6 +373,39 @@ def test_probe_of_separable_features_is_near_zero_kl():
     assert float(torch.nn.functional.cross_entropy(probe(X), y)) < 0.05
 
 
+def test_probe_fit_reaches_the_regularized_optimum():
+    """The fitted weights zero the gradient of mean CE + l2/2 ||W||^2 (checked by autograd, independent of the
+    analytic gradient the fit uses), and no run of torch's own L-BFGS finds a lower objective."""
+    from locality.measure.init_distance import _lbfgs
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 5, (120,), generator=g)
+    X = torch.randn(5, 8, generator=g, dtype=torch.float64)[y] + torch.randn(
+        120, 8, generator=g, dtype=torch.float64
+    )
+    l2 = 0.01
+
+    def objective(W):
+        return torch.nn.functional.cross_entropy(X @ W[:-1] + W[-1], y) + 0.5 * l2 * W[:-1].square().sum()
+
+    W = _lbfgs(X, y, 5, l2, max_iter=500).requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective(W), W)
+    assert grad.abs().max() < 1e-6
+    V = torch.zeros_like(W).requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [V], max_iter=1000, tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = objective(V)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert float(objective(W)) <= float(objective(V)) + 1e-10
+
+
 @pytest.fixture(scope="module")
 def splits():
     return load_builtin("stdlib_docs", 48, 16)
