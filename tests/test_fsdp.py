@@ -151,3 +151,32 @@ def test_the_pretrained_reference_is_cut_to_the_shard_fsdp2_holds():
     assert local_shard(full, fake_shard(3, 4, 1)).shape == (1, 3)  # chunks of 2, 2, 2, 1
     with pytest.raises(ValueError, match="cannot cut"):
         local_shard(full, fake_shard(0, 2, 3))
+
+
+@pytest.mark.slow
+def test_torchrun_starts_the_processes_of_a_sharded_run(tmp_path):
+    """torchrun instead of Lightning: each process runs the command; rank zero alone writes and prints."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run(
+        [
+            str(torchrun),
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "locality.train",
+            *RUN,
+            *SHARDED,
+            "trainer.max_steps=3",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "LOCALITY_OUTPUTS": str(tmp_path / "outputs"), "HYDRA_FULL_ERROR": "0"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (found,) = (tmp_path / "outputs").rglob("results.json")
+    assert proc.stdout.count("Depth profile of") == 1
+    results = json.loads(found.read_text())
+    assert results["run"]["steps"] == 3
+    assert abs(results["controls"]["equal_step"]["spread_after_max"] - 1) < 1e-5
