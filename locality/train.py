@@ -134,9 +134,11 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
     if is_main_process():
         print(backbone.describe())
 
-    profiler = DepthProfiler(cfg.measure, backbone, data, cfg.seed)
-    logger = False
     sweep = cfg.sweep_name if HydraConfig.get().mode == RunMode.MULTIRUN else None
+    # step 0 comes before any control acts: a sweep's runs that differ only in their control measure it once
+    shared_init = run_dir.path.parent / ".init" / f"{setting_hash(cfg)}-s{cfg.seed}.json" if sweep else None
+    profiler = DepthProfiler(cfg.measure, backbone, data, cfg.seed, shared_init)
+    logger = False
     if is_main_process():
         tags = [
             f"family:{backbone.family}",
@@ -154,9 +156,10 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         run_state,
     ]
     trainer = attempt.trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
-    children_run_this_job()  # a multi-process run in a sweep: the processes Lightning starts run this job
     fit_started = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
+    # In a sweep, the processes Lightning starts for a multi-process run must run this job, not the sweep.
+    with children_run_this_job():
+        trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
     fit_s = time.perf_counter() - fit_started  # this segment's; includes the measurement before and after
     final = trainer.validate(module, datamodule=data, verbose=False)[0]
 

@@ -22,17 +22,21 @@ dict shaped like results.json's "depth", "change", "profile" and "init" keys:
   `token_positions` random non-pad tokens per probe sequence (an extra capture before and after training,
   `cross_layer_pooling=tokens`) or the pooled features (`pooled`).
 - init: `objective_distance`, with kl / kl_norm (a linear probe on frozen features for new heads,
-  fitted on the first `measure.kl_probe_train` training examples, evaluated on the validation split).
+  fitted on the first `measure.kl_probe_train` training examples, evaluated on the validation split). In a
+  sweep, runs that differ only in their control share it (`shared_init`: measured once, read by the others).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from contextlib import nullcontext
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from locality.backbones.tokenizer import vocab_fingerprint
 from locality.measure.capture import (
@@ -64,14 +68,16 @@ from locality.measure.weights import (
     weight_rel,
 )
 from locality.paths import cache_dir
+from locality.rundir import write_json_atomic
 
 
 class DepthProfiler:
-    def __init__(self, cfg, backbone, datamodule, seed: int):
+    def __init__(self, cfg, backbone, datamodule, seed: int, shared_init: Path | None = None):
         self.cfg = cfg
         self.backbone = backbone
         self.data = datamodule
         self.seed = seed
+        self.shared_init = shared_init  # where runs differing only in their control share `init` (a sweep)
         self.pre: list[torch.Tensor] | None = None
         self.cross_pre: list[torch.Tensor] | None = None  # cross-layer CKA rows, when not `pre`'s
         self.reference: list[dict] | None = None
@@ -127,8 +133,9 @@ class DepthProfiler:
     def before_training(self, module: L.LightningModule, trainer: L.Trainer | None = None) -> None:
         context = on_training_device(module, trainer)
         start = time.perf_counter()
+        weights = weights_fingerprint(self.backbone.base)
         key = capture_key(
-            weights_fingerprint(self.backbone.base),
+            weights,
             [e["text"] for e in self.data.splits.probe],
             self._settings(trainer),
         )
@@ -146,15 +153,23 @@ class DepthProfiler:
         if "cosine_tokens" in self.cfg.metrics:
             self.pretrained = snapshot_parameters(self.backbone.base)
         self.reference = snapshot_blocks(self.backbone.blocks, self.backbone.base, self.pretrained)
-        batches = [b for _, b in zip(range(self.cfg.init_batches), self.data.init_dataloader(), strict=False)]
         start = time.perf_counter()
+        fingerprint = f"{weights}-{weights_fingerprint(module.objective)}"
+        self.init = read_shared_init(self.shared_init, fingerprint)
+        self.timings["init_shared"] = self.init is not None
+        if self.init is None:
+            self.init = self._objective_distance(module, context)
+            write_shared_init(self.shared_init, fingerprint, self.init)
+        self.timings["init_s"] = time.perf_counter() - start
+
+    def _objective_distance(self, module: L.LightningModule, context) -> dict:
+        batches = [b for _, b in zip(range(self.cfg.init_batches), self.data.init_dataloader(), strict=False)]
         probe_train, probe_eval = self._probe_batches(module)
-        self.init = objective_distance(
+        init = objective_distance(
             module, batches, forward_context=context, probe_train=probe_train, probe_eval=probe_eval
         )
-        self.timings["init_s"] = time.perf_counter() - start
-        grad = self.init["grad_rel"]
-        self.init["grad_rel_slope"] = _slope_over_blocks(grad)
+        init["grad_rel_slope"] = _slope_over_blocks(init["grad_rel"])
+        return init
 
     def to_local_shards(self) -> None:
         """Under FSDP2, once the model is sharded (training starts, before a checkpoint is restored): keep only
@@ -346,6 +361,29 @@ class _Dynamics(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.profiler.history[:] = state_dict["history"]
         self.last_step = state_dict["last_step"]
+
+
+def read_shared_init(path: Path | None, fingerprint: str) -> dict | None:
+    """The step-0 quantities a run of the same setting and seed (another control) measured, if any.
+
+    They are measured before any control acts (before `configure_model`), on the same weights, head and
+    batches, so they are the same numbers; `fingerprint` (the base model's and the objective's weights)
+    guards against a file from other weights. Unreadable or foreign: None, and the run measures its own.
+    """
+    if path is None or not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored["init"] if stored.get("fingerprint") == fingerprint else None
+
+
+def write_shared_init(path: Path | None, fingerprint: str, init: dict) -> None:
+    if path is None or rank_zero_only.rank != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"fingerprint": fingerprint, "init": init})
 
 
 def on_training_device(module: L.LightningModule, trainer: L.Trainer | None):
