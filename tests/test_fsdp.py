@@ -114,19 +114,20 @@ def test_sharded_run_in_a_sweep_matches_one_process_and_resumes_from_shards(tmp_
 
 
 def test_what_sharding_does_not_support_is_refused_before_any_work(tmp_path):
+    """All at once, in one paragraph, from the config alone (the CLI path to exit 2 is tests/test_checks.py's)."""
+    from locality.checks import preflight, validate
+    from locality.config import compose_train
+    from locality.errors import UserError
+
     refused = ["control=l2sp", "measure.ntk=true", "measure.drop_top_k=1", "model.dtype=bfloat16"]
-    proc = cli(*RUN, *SHARDED, *refused, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    message = " ".join(proc.stderr.split())
+    cfg = validate(compose_train([*RUN, *SHARDED, *refused, f"outputs_root={tmp_path}"]))
+    with pytest.raises(UserError) as error:
+        preflight(cfg)
+    message = " ".join(str(error.value).split())
     assert "trainer=fsdp" in message and "Supported there" in message
     for named in ("control l2sp", "measure.ntk=true", "measure.drop_top_k", "model.dtype=bfloat16"):
         assert named in message, named
-    assert not list(tmp_path.rglob("config.yaml"))  # no run directory was made
-
-
-def test_lightning_fsdp1_is_pointed_to_trainer_fsdp(tmp_path):
-    proc = cli(*RUN, "trainer.strategy=fsdp", cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2 and "trainer=fsdp" in proc.stderr and "FSDP1" in proc.stderr
+    assert preflight(validate(compose_train([*RUN, *SHARDED, f"outputs_root={tmp_path}"]))).controls
 
 
 def fake_shard(rank: int, world: int, local_rows: int):
