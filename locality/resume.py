@@ -213,9 +213,9 @@ class KeepPreviousCheckpoint(ModelCheckpoint):
     and CSV rows logged straight to a logger wait in memory for the next flush. A kill in that window used to
     leave a `last.ckpt` for step S while metrics.csv lacked rows of steps before S, which the relaunch never
     logs again. So a new last.ckpt is written as `pending.ckpt` and moved into place at the next hook (the
-    next batch, validation, epoch or the end of fit), after the loggers have written what they hold. The
-    `last.ckpt` it replaces becomes `previous.ckpt` (renames, no copy): when a kill cuts a write short, the
-    checkpoint before it survives untouched."""
+    next batch, validation, epoch, the end of training or an exception), after the loggers have written what
+    they hold. The `last.ckpt` it replaces becomes `previous.ckpt` (renames, no copy): when a kill cuts a
+    write short, the checkpoint before it survives untouched."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -262,6 +262,10 @@ class KeepPreviousCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._commit(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._commit(trainer)  # before the end-of-run measurement: a kill there resumes from the last step
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._commit(trainer)

@@ -98,7 +98,12 @@ class Stop(L.Callback):
 
 
 def fit(
-    tmp_path: Path, n_train: int, stop_at: int | None = None, max_steps: int = 25, watch: Logger | None = None
+    tmp_path: Path,
+    n_train: int,
+    stop_at: int | None = None,
+    max_steps: int = 25,
+    watch: Logger | None = None,
+    extra: tuple[L.Callback, ...] = (),
 ):
     L.seed_everything(0, verbose=False)
     module, state, control = Toy(), RunState(), EqualStep()
@@ -117,6 +122,7 @@ def fit(
             control,
             Stop(stop_at),
             state,
+            *extra,
             KeepPreviousCheckpoint(
                 dirpath=tmp_path / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=5
             ),
@@ -155,17 +161,27 @@ class KillWatch(Logger):
         self.views.append((self._seen[1], on_disk))
 
 
+class AtFitEnd(L.Callback):
+    """The step of the last.ckpt on disk when `on_fit_end` starts (where the end-of-run measurement runs)."""
+
+    def __init__(self, run: Path):
+        self.run, self.step = run, None
+
+    def on_fit_end(self, trainer, pl_module):
+        self.step = torch.load(self.run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
+
+
 def test_last_ckpt_is_never_ahead_of_the_metrics_on_disk(tmp_path):
     """A step's checkpoint is saved before Lightning logs that step's training row: a kill right after
     last.ckpt appeared lost rows that the relaunch never logs again (found by CI's kill-and-relaunch test)."""
-    watch = KillWatch(tmp_path)
-    fit(tmp_path, 44, watch=watch)
+    watch, at_fit_end = KillWatch(tmp_path), AtFitEnd(tmp_path)
+    fit(tmp_path, 44, watch=watch, extra=(at_fit_end,))
     assert {step for step, _ in watch.views} >= {5, 10, 15, 20}
     behind = [(step, steps) for step, steps in watch.views if steps[:step] != list(range(step))]
     assert behind == [], f"last.ckpt at step {behind[0][0]} while metrics.csv holds steps {behind[0][1]}"
     assert logged_steps(tmp_path) == list(range(25))
     assert not (tmp_path / "checkpoints" / "pending.ckpt").exists()
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 25
+    assert at_fit_end.step == 25  # in place before the end-of-run work: a kill there resumes at the end
 
 
 @pytest.mark.parametrize(("n_train", "where"), [(44, "mid-epoch"), (40, "at an epoch's end")])
