@@ -155,11 +155,13 @@ class DepthProfiler:
         self.reference = snapshot_blocks(self.backbone.blocks, self.backbone.base, self.pretrained)
         start = time.perf_counter()
         fingerprint = f"{weights}-{weights_fingerprint(module.objective)}"
-        self.init = read_shared_init(self.shared_init, fingerprint)
+        # One process only: step 0's metrics sync across processes, so every rank must measure or none.
+        shared = self.shared_init if trainer is None or trainer.world_size == 1 else None
+        self.init = read_shared_init(shared, fingerprint)
         self.timings["init_shared"] = self.init is not None
         if self.init is None:
             self.init = self._objective_distance(module, context)
-            write_shared_init(self.shared_init, fingerprint, self.init)
+            write_shared_init(shared, fingerprint, self.init)
         self.timings["init_s"] = time.perf_counter() - start
 
     def _objective_distance(self, module: L.LightningModule, context) -> dict:
