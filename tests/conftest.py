@@ -53,3 +53,22 @@ def train(tmp_path):
             return run(cfg)
 
     return _train
+
+
+def double_gpt2(attn: str = "eager"):
+    """A 2-block, width-16 GPT-2 LM in float64, eval mode, seeded: for checks against exact derivatives."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=16,
+        n_head=2,
+        n_positions=16,
+        vocab_size=40,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation=attn,
+    )
+    return GPT2LMHeadModel(config).double().eval()

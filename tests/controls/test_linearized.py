@@ -10,27 +10,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import double_gpt2
 
 from locality.controls import Linearized
 from locality.controls.linearized import use_eager_attention
 from locality.measure.capture import block_hooks
-
-
-def tiny_gpt2(attn: str = "eager"):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=16,
-        n_head=2,
-        n_positions=16,
-        vocab_size=40,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation=attn,
-    )
-    return GPT2LMHeadModel(config).double().eval()
 
 
 def linearized(model):
@@ -70,14 +54,14 @@ def features(model, batch):
 
 
 def test_equals_the_network_at_theta0(batch):
-    model = tiny_gpt2()
+    model = double_gpt2()
     lin, _ = linearized(model)
     torch.testing.assert_close(features(lin, batch), features(model, batch), rtol=0, atol=1e-13)
     torch.testing.assert_close(lin(**batch).logits, model(**batch).logits, rtol=0, atol=1e-12)
 
 
 def test_tangent_is_a_finite_difference_derivative_and_exactly_linear(batch):
-    model = tiny_gpt2()
+    model = double_gpt2()
     lin, _ = linearized(model)
     v, eps, h = direction(model), 1e-2, 1e-7  # v is large (unit normal entries): a small h
     f0 = features(model, batch)
@@ -110,7 +94,7 @@ def clm_losses(model, batch, lr, steps=5):
 
 
 def test_loss_trajectory_matches_the_full_model_for_a_tiny_step(batch):
-    model = tiny_gpt2()
+    model = double_gpt2()
 
     def gap(lr):  # max |loss_linearized - loss_full| over 5 SGD steps, relative to how far the loss moved
         lin, _ = linearized(model)
@@ -124,7 +108,7 @@ def test_loss_trajectory_matches_the_full_model_for_a_tiny_step(batch):
 
 
 def test_captured_block_outputs_are_first_order(batch):
-    model = tiny_gpt2()
+    model = double_gpt2()
     lin, _ = linearized(model)
     v = direction(model)
     sink = [None] * 3
@@ -145,7 +129,7 @@ def test_captured_block_outputs_are_first_order(batch):
 
 
 def test_inference_mode_evaluates_the_linearized_model(batch):
-    model = tiny_gpt2()
+    model = double_gpt2()
     lin, control = linearized(model)
     move(lin, direction(model), 1e-2)
     with torch.no_grad():
@@ -157,7 +141,7 @@ def test_inference_mode_evaluates_the_linearized_model(batch):
 
 
 def test_sdpa_models_switch_to_eager_attention():
-    model = tiny_gpt2(attn="sdpa")
+    model = double_gpt2(attn="sdpa")
     use_eager_attention(model)
     assert model.config._attn_implementation == "eager"
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import double_gpt2
 from torch import nn
 from torch.func import functional_call
 
@@ -66,20 +67,7 @@ def mlp():
 
 @pytest.fixture(scope="module")
 def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_layer=2,
-        n_embd=16,
-        n_head=2,
-        n_positions=16,
-        vocab_size=40,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    model = GPT2LMHeadModel(config).double().eval()
+    model = double_gpt2()
     params = {k: v.detach() for k, v in model.named_parameters()}
     ids = torch.randint(0, 40, (4, 6))
     mask = torch.ones_like(ids)
