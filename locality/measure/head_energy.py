@@ -46,26 +46,36 @@ def energy_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     }
 
 
-@torch.no_grad()
-def measure_head_energy(module, batches, forward_context=nullcontext) -> dict:
-    """`energy_stats` of the module's task head over `batches` (eval mode, no grad, the module's device; the
-    training mode is restored after). The module's forward returns targets aligned with the head's logits."""
+def head_passes(module, batches, forward_context=nullcontext, inputs: bool = False):
+    """Run the module's own forward over `batches` (eval mode, no grad, on its device) and yield, per batch,
+    what its task head returned (or, with `inputs`, received) and the objective's targets. The hook is removed
+    and the training mode restored when the loop ends, even early."""
     head = module.objective.head
     seen: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda _, __, output: seen.append(output.detach()))
+    if inputs:
+        handle = head.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    else:
+        handle = head.register_forward_hook(lambda _, __, output: seen.append(output.detach()))
     was_training = module.training
     module.eval()
-    logits, labels = [], []
     try:
         for batch in batches:
             batch = {k: v.to(module.device) for k, v in batch.items()}
             seen.clear()
-            with forward_context():
+            with torch.no_grad(), forward_context():
                 out = module(batch)
-            z, y = scored_rows(seen[-1], out.target)
-            logits.append(z.cpu())
-            labels.append(y.cpu())
+            yield seen[-1], out.target
     finally:
         handle.remove()
         module.train(was_training)
+
+
+def measure_head_energy(module, batches, forward_context=nullcontext) -> dict:
+    """`energy_stats` of the module's task head over `batches` (`head_passes`: eval mode, no grad, the module's
+    device; the training mode is restored after)."""
+    logits, labels = [], []
+    for output, target in head_passes(module, batches, forward_context):
+        z, y = scored_rows(output, target)
+        logits.append(z.cpu())
+        labels.append(y.cpu())
     return energy_stats(torch.cat(logits), torch.cat(labels))

@@ -31,7 +31,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from locality.measure.head_energy import head_energy, scored_rows
+from locality.measure.head_energy import head_energy, head_passes, scored_rows
 from locality.measure.similarity import _single_threaded_torch
 from locality.objectives.base import IGNORE
 
@@ -137,32 +137,18 @@ def probe_kl(
     }
 
 
-@torch.no_grad()
 def head_features(module, batches: list[dict], forward_context=nullcontext) -> tuple[torch.Tensor, ...]:
     """What the objective's head sees, per scored target: (features [m, d] float64 CPU, labels [m],
-    example index [m]), through the module's own forward (a pre-hook on `objective.head`), eval mode."""
-    model_mode = module.training
-    module.eval()
-    seen: list[torch.Tensor] = []
-    handle = module.objective.head.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach()))
+    example index [m]), through the module's own forward (`head_passes` with the head's inputs), eval mode."""
     feats, labels, examples, offset = [], [], [], 0
-    try:
-        for batch in batches:
-            batch = {k: v.to(module.device) for k, v in batch.items()}
-            seen.clear()
-            with forward_context():
-                out = module(batch)
-            f, t = seen[-1], out.target
-            index = torch.arange(offset, offset + t.shape[0], device=t.device)
-            offset += t.shape[0]
-            index = index.view(-1, *([1] * (t.dim() - 1))).expand_as(t)
-            keep = t != IGNORE
-            feats.append(f.reshape(*t.shape, f.shape[-1])[keep].double().cpu())
-            labels.append(t[keep].cpu())
-            examples.append(index[keep].cpu())
-    finally:
-        handle.remove()
-        module.train(model_mode)
+    for f, t in head_passes(module, batches, forward_context, inputs=True):
+        index = torch.arange(offset, offset + t.shape[0], device=t.device)
+        offset += t.shape[0]
+        index = index.view(-1, *([1] * (t.dim() - 1))).expand_as(t)
+        keep = t != IGNORE
+        feats.append(f.reshape(*t.shape, f.shape[-1])[keep].double().cpu())
+        labels.append(t[keep].cpu())
+        examples.append(index[keep].cpu())
     return torch.cat(feats), torch.cat(labels), torch.cat(examples)
 
 
