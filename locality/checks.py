@@ -314,10 +314,17 @@ def check_sharding(cfg: DictConfig, controls: list) -> None:
     if cfg.measure.drop_top_k:
         problems.append("measure.drop_top_k (evaluating with blocks removed needs the unsharded model)")
     if problems:
+        import locality.controls as built_in
+
+        supported = sorted(
+            c.name
+            for c in (getattr(built_in, n) for n in built_in.__all__)
+            if isinstance(c, type) and issubclass(c, built_in.Control) and c.supports_sharding
+        )
         raise UserError(
             "trainer=fsdp (FSDP2 sharding) does not support: "
             + "; ".join(problems)
-            + ". Supported there: controls standard, equal_step, freeze and llrd, and every depth-profile metric."
+            + f". Supported there: controls standard, {', '.join(supported)}, and every depth-profile metric."
         )
 
 

@@ -78,5 +78,5 @@ def shard_module(module, mesh, plan: ShardingPlan | None = None) -> None:
         fully_shard(base, **options)
     fully_shard(model, **options)
     head = module.objective
-    if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+    if isinstance(head, nn.Module) and next(head.parameters(), None) is not None:
         fully_shard(head, **options)
