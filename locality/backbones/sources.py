@@ -1,4 +1,5 @@
-"""Where a model's files come from: a local directory that really is a saved model, a bundled package, or a
+"""Where a model's files come from: a local directory that really is a saved model, a bundled package (its
+files as they are, or a GGUF file converted once into the cache: `locality.backbones.gguf`), or a
 hub id (checked for format, cache and reachability before anything is downloaded), and its provenance."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from locality.backbones.gguf import GGUF_BUNDLES, converted_dir
 from locality.config import ModelConf
 from locality.errors import UserError
 from locality.paths import offline_model_presets
@@ -34,6 +36,8 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
         spec = importlib.util.find_spec(package)
         if spec is not None and spec.origin is not None:
             return str(Path(spec.origin).parent / subdir), True
+    if name_or_path in GGUF_BUNDLES and GGUF_BUNDLES[name_or_path].file() is not None:
+        return str(converted_dir(GGUF_BUNDLES[name_or_path])), True
     if path.exists() or _looks_like_path(name_or_path):
         what = "is a file, not a model directory" if path.exists() else "does not exist"
         raise UserError(
@@ -89,9 +93,13 @@ def _check_hub_id(name: str) -> None:
 
 
 def weights_origin(spec: ModelConf, path: str, local: bool, config) -> str:
-    """Provenance of pretrained weights: `bundled:<package>`, `local:<dir>` or `hub:<id>@<commit>`."""
-    if spec.name_or_path in BUNDLED and local and not Path(spec.name_or_path).expanduser().is_dir():
+    """Provenance of pretrained weights: `bundled:<package>[@<version>#gguf-<quantization>]`, `local:<dir>`
+    or `hub:<id>@<commit>`."""
+    bundled = local and not Path(spec.name_or_path).expanduser().is_dir()
+    if bundled and spec.name_or_path in BUNDLED:
         return f"bundled:{BUNDLED[spec.name_or_path][0]}"
+    if bundled and spec.name_or_path in GGUF_BUNDLES:
+        return GGUF_BUNDLES[spec.name_or_path].origin()
     if local:
         return f"local:{Path(path).resolve()}"
     revision = getattr(config, "_commit_hash", None) or spec.revision or "main"
