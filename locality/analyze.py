@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, table in paper_tables.items():
         table.to_csv(out / "tables" / f"{name}.csv", index=False)
     rho = paper_tables["steepness_vs_distance"]
-    rho_all = rho[rho.control == "all"].iloc[0].to_dict() if (rho.control == "all").any() else None
+    pooled = rho[(rho.control == "all") & (rho.y == f"{metric}_steepness")]
+    rho_all = pooled.iloc[0].to_dict() if len(pooled) else None
     made = [
         figures.profile_figure(layers, metric, out),
         figures.slope_forest(runs, metric, out, ci=ci),

@@ -78,6 +78,27 @@ READ = {"schema", "run", "depth", "change", "profile"}
 READ_RUN = {"name", "model", "family", "block_type", "objective", "control", "seed"}
 
 
+# A run "did not train" when it took no optimizer step, or when no block's weights moved by more than this share
+# of their norm (max_l ||W_l - W_l(0)|| / ||W_l(0)|| below it). 1e-6 is about 8 float32 ulps of a weight: one
+# AdamW step moves a weight by ~lr, i.e. ||dW|| / ||W|| ~ lr / rms(W) ~ 20-50 lr, so only a learning rate near
+# 1e-8, a step that skipped every update (non-finite gradients), or everything frozen stays below it. Such a
+# run's profile is numerical noise (a 0-step run's "slope" is ~1e-18): analysis lists it and leaves it out.
+DID_NOT_TRAIN_WEIGHT_FLOOR = 1e-6
+
+
+def did_not_train(result: dict) -> str | None:
+    """Why a run's results are not a fine-tuning result (see DID_NOT_TRAIN_WEIGHT_FLOOR), or None."""
+    run = result.get("run") or {}
+    if run.get("steps") == 0:
+        return "0 optimizer steps"
+    moved = [v for v in (result.get("change") or {}).get("weight_rel") or [] if isinstance(v, int | float)]
+    if moved and max(moved) < DID_NOT_TRAIN_WEIGHT_FLOOR:
+        return (
+            f"no block's weights moved by {DID_NOT_TRAIN_WEIGHT_FLOOR:g} of their norm (max {max(moved):.1e})"
+        )
+    return None
+
+
 def layer_names(n_blocks: int) -> list[str]:
     """The canonical name of every depth point of a model with `n_blocks` blocks."""
     return ["embed", *(f"block_{i:02d}" for i in range(n_blocks))]

@@ -43,8 +43,8 @@ def test_settings_are_never_pooled_and_seeds_are():
     summary = summary_markdown(runs, "cosine")
     row_a = next(line for line in summary.splitlines() if "| aaaa |" in line)
     row_b = next(line for line in summary.splitlines() if "| bbbb |" in line)
-    assert "+2.000 ± 1.414 (n=2)" in row_a and "+0.500" in row_a  # the two seeds, beside equal-step
-    assert "+10.000" in row_b and "n=" not in row_b
+    assert "+2 ± 1.41 (n=2)" in row_a and "+0.5 [+0.4, +0.6]" in row_a  # the two seeds, beside equal-step
+    assert "+10 [+9.9, +10.1]" in row_b and "n=" not in row_b
     assert set(layers_table(results).setting_hash) == {"aaaa", "bbbb"}
 
 
@@ -133,11 +133,14 @@ def test_the_papers_tables_recover_a_known_structure():
         "fraction_positive": 1.0,
         "n_ci_above_zero": 120,
         "exceptions": "",
+        "n_did_not_train": 0,
     }
     survival = tables.equal_step_survival(runs, "cosine_tokens")
     assert survival.n_runs.sum() == 120 and set(survival.objective_class) == {"causal LM", "other"}
     rho = tables.steepness_vs_distance(runs, "cosine_tokens").set_index("control")
-    assert rho.loc["all", "rho"] > 0.8 and rho.loc["all", "rho_lo"] > 0.6 and rho.loc["all", "n"] == 240
+    steep = rho[rho.y == "cosine_tokens_steepness"]
+    # runs of a setting share one step-0 distance (both controls, every seed here): one point per setting
+    assert steep.loc["all", "rho"] > 0.8 and steep.loc["all", "rho_lo"] > 0.6 and steep.loc["all", "n"] == 30
     width = tables.width_variance(runs, "cosine_tokens").set_index("factor")
     assert width.loc["architecture (model)", "eta_sq"] > 0.5 > width.loc["objective", "eta_sq"]
     step0 = tables.step0_prediction(runs, "cosine_tokens")
@@ -202,3 +205,91 @@ def test_linearized_runs_are_compared_with_standard_within_a_setting():
     assert (row.n_standard, row.n_linearized) == (2, 1)
     assert (row.slope_standard, row.slope_linearized, row.slope_ratio) == (2.0, 0.5, 0.25)
     assert (row.final_loss_standard, row.final_loss_linearized) == (0.5, 0.9)
+
+
+def test_a_run_that_did_not_train_is_listed_and_counted_nowhere():
+    from locality.analysis import tables
+
+    zero_steps = result(
+        0, "standard", "cccc", 4.4e-18
+    )  # what a 0-step run reported: "positive", CI above zero
+    zero_steps["profile"]["cosine"]["slope_ci"] = [1e-18, 8e-18]
+    zero_steps["run"]["steps"] = 0
+    frozen = result(1, "standard", "cccc", 2e-9)
+    frozen["run"]["steps"] = 40
+    frozen["change"]["weight_rel"] = [None, 3e-8, 4e-7]  # every block below the floor (1e-6 of its norm)
+    moved = result(2, "standard", "cccc", 0.5)
+    moved["change"]["weight_rel"] = [None, 3e-8, 2e-6]  # one block above it: trained
+    runs = runs_table([zero_steps, frozen, moved])
+    assert runs.did_not_train.tolist() == [True, True, False]
+    head = tables.headline(runs, ["cosine"]).iloc[0]
+    assert (head.n_runs, head.n_positive, head.n_ci_above_zero, head.n_did_not_train) == (1, 1, 1, 2)
+    summary = summary_markdown(runs, "cosine")
+    assert "**2 runs did not train**" in summary and "0 optimizer steps" in summary
+    assert "no block's weights moved by 1e-06 of their norm (max 4.0e-07)" in summary
+    assert "4.4e-18" not in summary.split("## Slope per setting")[1]
+
+
+def test_small_slopes_print_in_significant_digits():
+    from locality.analysis.summary import number
+
+    assert number(4.4e-18) == "+4.4e-18" and number(0.000123) == "+0.000123" and number(-0.5) == "-0.5"
+    row = next(
+        line
+        for line in summary_markdown(
+            runs_table([result(0, "standard", "dddd", 0.00042)]), "cosine"
+        ).splitlines()
+        if "| dddd |" in line
+    )
+    assert "+0.00042 [-0.0996, +0.1]" in row
+
+
+def test_equal_step_survival_needs_an_effect_not_only_a_ci_above_zero():
+    from locality.analysis import tables
+    from locality.analysis.summary import survives
+
+    standard = result(0, "standard", "eeee", 0.4)
+    real = result(0, "equal_step", "eeee", 0.3)
+    negligible = result(1, "equal_step", "eeee", 0.3)
+    negligible["change"]["cosine"] = [10.0, 10.1, 10.3]  # slope 0.3 on a level of ~10: a 3% tilt
+    negligible["profile"]["cosine"]["slope_ci"] = [0.2, 0.4]
+    runs = runs_table([standard, real, negligible])
+    assert runs.cosine_relative_slope.round(3).tolist() == [2.0, 2.0, 0.03]
+    table = tables.equal_step_survival(runs, "cosine").iloc[0]
+    assert (table.n_runs, table.n_ci_above_zero, table.n_survive) == (2, 2, 1)
+    assert survives(runs, "cosine") == "no"
+    assert survives(runs_table([standard, real]), "cosine") == "yes"
+
+
+def test_rank_correlations_get_no_interval_from_few_or_shared_points():
+    import numpy as np
+    import pandas as pd
+
+    from locality.analysis.tables import spearman_with_ci, steepness_vs_distance
+
+    x = pd.Series(np.arange(7.0))
+    few = spearman_with_ci(x, x**2)
+    assert (
+        few["rho"] == 1.0
+        and np.isnan(few["rho_lo"])
+        and np.isnan(few["p_value"])
+        and "n < 8" in few["interval"]
+    )
+    rng = np.random.default_rng(0)
+    x = pd.Series(np.arange(12.0))
+    y = x + pd.Series(rng.normal(0, 3, 12))
+    full = spearman_with_ci(x, y)
+    assert full["rho_lo"] < full["rho"] < full["rho_hi"]
+    assert (full["p_value"] < 0.05) == (full["rho_lo"] > 0)  # one method for both
+    shared = spearman_with_ci(pd.concat([x, x]), pd.concat([y, y + 0.1]))
+    assert "share x" in shared["interval"] and np.isnan(shared["rho_lo"])
+    # two controls that share their step-0 distance are one point, not two
+    results = []
+    for i in range(6):
+        for control in ("standard", "equal_step"):
+            r = result(0, control, f"s{i:03d}", 0.1 * (i + 1))
+            r["init"]["kl_norm"] = 0.1 * i
+            results.append(r)
+    table = steepness_vs_distance(runs_table(results), "cosine").set_index(["control", "y"])
+    assert table.loc[("all", "cosine_slope"), "n"] == 6 and table.loc[("all", "cosine_slope"), "rho"] == 1.0
+    assert np.isnan(table.loc[("all", "cosine_slope"), "rho_lo"])

@@ -1,8 +1,9 @@
 """Collect finished runs (results.json files) into tidy pandas tables, and account for the rest.
 
 - `runs`: one row per run: identity (model, family, block_type, scale band, objective, control, seed, config
-  and setting hashes), size, step-0 objective distance, final task metrics, and per metric the slope with its
-  CI, slope per layer, steepness, width and width count.
+  and setting hashes), size, step-0 objective distance, final task metrics, whether it did not train
+  (`locality.results.did_not_train`), and per metric the slope with its CI, the profile's level (mean change)
+  and the relative slope (slope / level), slope per layer, steepness, width and width count.
 - `layers`: one row per (run, metric, layer): the depth profile in long form.
 - `dynamics`: one row per (run, metric, step) for runs that recorded the profile during training.
 - `Inventory`: what was found besides complete runs: failed runs (failed.json), incomplete ones (a
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from locality.results import Results, ResultsError, layer_names, read_results
+from locality.results import Results, ResultsError, did_not_train, layer_names, read_results
 from locality.taxonomy import scale_band
 
 # A run's identity. Runs that share a config_hash are replicates (they differ only in the seed); runs that
@@ -127,6 +128,19 @@ def _slope_over_blocks(values) -> float | None:
     return float(xc @ (y - y.mean()) / (xc @ xc)) if xc @ xc > 0 else None
 
 
+def _mean_change(values) -> float | None:
+    """The profile's level: mean change over the depth points that have a value."""
+    present = [v for v in values or [] if isinstance(v, int | float) and np.isfinite(v)]
+    return float(np.mean(present)) if present else None
+
+
+def _ratio(slope, level) -> float | None:
+    """The slope in units of the profile's own level (scale-free: a profile scaled by 10 keeps it)."""
+    if not isinstance(slope, int | float) or not level:
+        return None
+    return float(slope) / level
+
+
 def runs_table(results: list[Results]) -> pd.DataFrame:
     rows = []
     for r in results:
@@ -146,8 +160,12 @@ def runs_table(results: list[Results]) -> pd.DataFrame:
                 first if isinstance(first, list) else init["update_rel"]
             )
         row.update({f"final_{k}": v for k, v in r.get("final", {}).items() if isinstance(v, int | float)})
+        reason = did_not_train(r)
+        row["did_not_train"], row["did_not_train_reason"] = reason is not None, reason
         for metric, stats in r.get("profile", {}).items():
             row[f"{metric}_slope"] = stats.get("slope")
+            row[f"{metric}_level"] = _mean_change(r.get("change", {}).get(metric))
+            row[f"{metric}_relative_slope"] = _ratio(stats.get("slope"), row[f"{metric}_level"])
             ci = stats.get("slope_ci") or [None, None]
             row[f"{metric}_slope_lo"], row[f"{metric}_slope_hi"] = ci
             for stat in PROFILE_STATS:

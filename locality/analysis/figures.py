@@ -170,9 +170,11 @@ def steepness_scatter(runs: pd.DataFrame, metric: str, out: Path, rho: dict | No
         f"steepness of {label(metric)}\n(e-folds of change per unit depth, blocks 1..L)", fontsize=8
     )
     if rho and np.isfinite(rho.get("rho", np.nan)):
+        interval = (
+            f"[{rho['rho_lo']:+.2f}, {rho['rho_hi']:+.2f}]" if np.isfinite(rho["rho_lo"]) else "(no interval)"
+        )
         ax.set_title(
-            f"Steepness vs objective distance: Spearman ρ = {rho['rho']:+.2f} "
-            f"[{rho['rho_lo']:+.2f}, {rho['rho_hi']:+.2f}], n = {rho['n']}",
+            f"Steepness vs objective distance: Spearman ρ = {rho['rho']:+.2f} {interval}, n = {rho['n']}",
             fontsize=9,
         )
     ax.legend(fontsize=7)

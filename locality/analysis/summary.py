@@ -7,6 +7,14 @@ import math
 import pandas as pd
 
 from locality.analysis.aggregate import Inventory
+from locality.analysis.tables import MIN_RELATIVE_SLOPE, is_effect, trained
+
+
+def number(value: float, signed: bool = True) -> str:
+    """Three significant digits, so a real value is never printed as 0.000 (4.4e-18 stays 4.4e-18)."""
+    if pd.isna(value):
+        return "-"
+    return f"{value:+.3g}" if signed else f"{value:.3g}"
 
 
 def _fmt_slope(group: pd.DataFrame, metric: str) -> str:
@@ -15,22 +23,23 @@ def _fmt_slope(group: pd.DataFrame, metric: str) -> str:
         return "-"
     if len(slopes) == 1:
         lo, hi = group[f"{metric}_slope_lo"].iloc[0], group[f"{metric}_slope_hi"].iloc[0]
-        ci = "" if pd.isna(lo) else f" [{lo:+.3f}, {hi:+.3f}]"
-        return f"{slopes.iloc[0]:+.3f}{ci}"
-    return f"{slopes.mean():+.3f} ± {slopes.std(ddof=1):.3f} (n={len(slopes)})"
+        ci = "" if pd.isna(lo) else f" [{number(lo)}, {number(hi)}]"
+        return f"{number(slopes.iloc[0])}{ci}"
+    return f"{number(slopes.mean())} ± {number(slopes.std(ddof=1), signed=False)} (n={len(slopes)})"
 
 
 def survives(group: pd.DataFrame, metric: str) -> str:
-    """'yes' when every equal-step run keeps the standard runs' sign and its CI excludes zero."""
+    """'yes' when the standard runs' gradient is positive and every equal-step run keeps it as an effect
+    (`tables.is_effect`: CI above zero and a relative slope of at least MIN_RELATIVE_SLOPE); runs that did not
+    train are not counted."""
+    group = trained(group)
     standard = group[group.control == "standard"][f"{metric}_slope"].dropna()
     equal = group[group.control == "equal_step"]
     if standard.empty or equal.empty:
         return "-"
-    sign = 1 if standard.mean() > 0 else -1
-    lo, hi = equal[f"{metric}_slope_lo"], equal[f"{metric}_slope_hi"]
-    same_sign = (sign * equal[f"{metric}_slope"] > 0).all()
-    excludes_zero = ((lo > 0) | (hi < 0)).all() if lo.notna().all() else same_sign
-    return "yes" if same_sign and excludes_zero else "no"
+    if standard.mean() <= 0:
+        return "no positive gradient"
+    return "yes" if is_effect(equal, metric).all() else "no"
 
 
 def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
@@ -39,7 +48,7 @@ def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
 
     def cell(value) -> str:
         if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:.{digits}f}"
+            return "-" if math.isnan(value) else f"{value:.{digits}g}"
         return str(value) if value is not None and value != "" else "-"
 
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
@@ -48,6 +57,7 @@ def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
 
 
 def settings_table(runs: pd.DataFrame, metric: str) -> str:
+    runs = trained(runs)
     controls = sorted(runs.control.unique(), key=lambda c: (c != "standard", c))
     lines = [
         "| family | model | objective | setting | " + " | ".join(controls) + " | survives equal-step |",
@@ -64,6 +74,15 @@ def settings_table(runs: pd.DataFrame, metric: str) -> str:
             + f" | {survives(group, metric)} |"
         )
     return "\n".join(lines)
+
+
+def did_not_train_section(runs: pd.DataFrame) -> list[str]:
+    if "did_not_train" not in runs or not runs.did_not_train.any():
+        return []
+    left_out = runs[runs.did_not_train.astype(bool)]
+    lines = [f"**{len(left_out)} runs did not train** (left out of every table below):", ""]
+    lines += [f"- {row.name}: {row.did_not_train_reason}" for row in left_out.itertuples()]
+    return [*lines, ""]
 
 
 def inventory_section(found: Inventory, missing: list[str] | None) -> list[str]:
@@ -105,10 +124,13 @@ def summary_markdown(
     tables = tables or {}
     lines = [f"# locality summary ({len(runs)} runs, metric `{metric}`)", ""]
     lines += inventory_section(found, missing) if found is not None else []
+    lines += did_not_train_section(runs)
     titles = {
         "headline": "Headline: standard runs with a positive locality gradient, per metric",
-        "equal_step_survival": f"Equal-step survival ({metric}): positive slope with its CI above zero",
-        "steepness_vs_distance": "Steepness vs training-free objective distance (Spearman ρ, bootstrap CI over runs)",
+        "equal_step_survival": f"Equal-step survival ({metric}): survivors have the slope's CI above zero and a "
+        f"relative slope (slope / mean change) of at least {MIN_RELATIVE_SLOPE:g}",
+        "steepness_vs_distance": "Slope and steepness vs training-free objective distance (Spearman ρ; "
+        "Fisher-z interval and p-value, none below 8 points or for shared x)",
         "width_variance": f"Variance in width ({metric} width_count) explained by architecture vs objective",
         "step0_prediction": "Does the step-0 profile predict the trained one? (Spearman ρ across runs)",
         "linearized_vs_standard": f"Linearized vs standard fine-tuning ({metric} slope and final loss, mean over seeds)",
@@ -146,7 +168,7 @@ def head_energy_verdict(model: str, runs: pd.DataFrame, trend: pd.DataFrame) -> 
     if strong.all():
         verdict = "yes"
     elif weak.all():
-        verdict = "in direction only (a distance's rank correlation has a CI that includes zero)"
+        verdict = "in direction only (a distance's rank correlation has no interval, n < 8, or one that includes zero)"
     else:
         verdict = "partly" if weak.any() else "no"
     energy = runs[runs.model == model].energy

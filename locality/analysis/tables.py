@@ -1,16 +1,19 @@
 """The paper's tables from the runs table: one function per table, each returning a pandas DataFrame.
 
+Every table counts only runs that trained (`trained`; `locality.results.did_not_train` says why a run did not).
+
 - `headline`: per metric, how many standard runs have a positive locality gradient (slope), how many with a
   CI above zero, and which runs are the exceptions. First row: the default metric.
 - `equal_step_survival`: by block type x objective class (causal LM vs other) x scale band, how many
-  equal-step runs keep a positive slope with its CI above zero.
-- `steepness_vs_distance`: Spearman rho between steepness and the training-free objective distance
-  (`init.kl_norm`), with a bootstrap CI over runs.
+  equal-step runs keep a positive slope, with its CI above zero, and as an effect (`is_effect`: CI above zero
+  and a relative slope of at least MIN_RELATIVE_SLOPE).
+- `steepness_vs_distance`: Spearman rho between the training-free objective distance (`init.kl_norm`) and the
+  profile's linear slope, then its steepness (one point per step-0 measurement).
 - `width_variance`: the share of variance in width explained by architecture vs objective (two-way ANOVA,
   eta squared, statsmodels).
 - `step0_prediction`: does the profile at step 0 predict the trained one? Spearman rho across runs between
   the trained slope and the step-0 gradient profile's slope (and the first steps' update-ratio slope where
-  recorded), with bootstrap CIs, per control.
+  recorded), per control.
 - `head_energy_runs` / `head_energy_trend` (Ren et al. 2023, LP-FT runs): per run the energy at the switch
   and the four feature-adaptation metrics (at the last layer and summed over all layers); per metric the
   Spearman rho against energy and the shape of the relation (increasing, decreasing, rise then fall, ...),
@@ -19,7 +22,8 @@
 - `linearized_vs_standard` (Afzal et al. 2025): per setting with both, the slope and final loss of the
   first-order Taylor model (`control=linearized`) beside standard fine-tuning's, averaged over seeds.
 
-Statistics come from scipy and statsmodels; rank correlations get a percentile bootstrap over runs (seeded).
+Statistics come from scipy and statsmodels. A rank correlation's interval and p-value come from one method
+(Fisher's z, `spearman_with_ci`), and there is none for fewer than 8 points or for points that share an x.
 """
 
 from __future__ import annotations
@@ -33,17 +37,22 @@ from scipy import stats
 
 from locality.results import Results
 
-N_BOOT = 2000
-SEED = 0
-
 
 def _slope_cols(metric: str) -> tuple[str, str, str]:
     return f"{metric}_slope", f"{metric}_slope_lo", f"{metric}_slope_hi"
 
 
+def trained(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs that trained (`locality.results.did_not_train`): the only ones any table counts."""
+    return runs[~runs.did_not_train.astype(bool)] if "did_not_train" in runs else runs
+
+
 def headline(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Standard runs only: `metric, n_runs, n_positive, fraction_positive, n_ci_above_zero, exceptions`."""
+    """Standard runs that trained: `metric, n_runs, n_positive, fraction_positive, n_ci_above_zero, exceptions`,
+    and `n_did_not_train` (standard runs left out)."""
     standard = runs[runs.control == "standard"]
+    left_out = len(standard) - len(trained(standard))
+    standard = trained(standard)
     rows = []
     for metric in metrics:
         slope, lo, _ = _slope_cols(metric)
@@ -59,82 +68,119 @@ def headline(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
                 "fraction_positive": float(positive.mean()) if len(have) else math.nan,
                 "n_ci_above_zero": int((have[lo] > 0).sum()) if lo in have else 0,
                 "exceptions": ";".join(sorted(have.loc[~positive, "name"])),
+                "n_did_not_train": left_out,
             }
         )
-    return pd.DataFrame(
-        rows, columns=["metric", "n_runs", "n_positive", "fraction_positive", "n_ci_above_zero", "exceptions"]
-    )
+    columns = ["metric", "n_runs", "n_positive", "fraction_positive", "n_ci_above_zero", "exceptions"]
+    return pd.DataFrame(rows, columns=[*columns, "n_did_not_train"])
 
 
 def objective_class(objective: str) -> str:
     return "causal LM" if objective == "clm" else "other"
 
 
-def equal_step_survival(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Equal-step runs by block_type x objective class x scale band: positive slopes, CI above zero."""
+# A gradient "survives" equal-step only if it is an effect, not just a CI above zero: its slope must be at least
+# this share of the profile's own level (mean change over depth). A linear profile from 0 to c has slope c and
+# level c/2 (relative slope 2); 0.1 means the top of the profile exceeds the bottom by about a tenth of the
+# level. Scale-free, so one threshold serves every metric and model.
+MIN_RELATIVE_SLOPE = 0.1
+
+
+def is_effect(frame: pd.DataFrame, metric: str) -> pd.Series:
+    """Per run: slope CI above zero (the slope itself where there is no CI) and relative slope >= the floor."""
     slope, lo, _ = _slope_cols(metric)
-    equal = runs[runs.control == "equal_step"].dropna(subset=[slope]).copy()
-    columns = [
-        "block_type",
-        "objective_class",
-        "scale_band",
-        "n_runs",
-        "n_positive",
-        "n_survive",
-        "fraction_survive",
-    ]
+    bound = frame[lo].fillna(frame[slope]) if lo in frame else frame[slope]
+    relative = frame.get(f"{metric}_relative_slope", pd.Series(math.inf, index=frame.index))
+    return (bound > 0) & (relative.fillna(-math.inf) >= MIN_RELATIVE_SLOPE)
+
+
+def equal_step_survival(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Equal-step runs that trained, by block_type x objective class x scale band: positive slopes, CI above
+    zero, and survivors (CI above zero and relative slope >= MIN_RELATIVE_SLOPE)."""
+    slope, lo, _ = _slope_cols(metric)
+    equal = trained(runs[runs.control == "equal_step"]).dropna(subset=[slope]).copy()
+    columns = ["block_type", "objective_class", "scale_band", "n_runs", "n_positive", "n_ci_above_zero"]
+    columns += ["n_survive", "fraction_survive"]
     if equal.empty:
         return pd.DataFrame(columns=columns)
     equal["objective_class"] = equal.objective.map(objective_class)
-    equal["survive"] = (equal[slope] > 0) & (equal[lo] > 0)
+    equal["ci_above_zero"] = equal[lo] > 0
+    equal["survive"] = is_effect(equal, metric)
     table = equal.groupby(["block_type", "objective_class", "scale_band"], dropna=False).agg(
-        n_runs=(slope, "size"), n_positive=(slope, lambda s: int((s > 0).sum())), n_survive=("survive", "sum")
+        n_runs=(slope, "size"),
+        n_positive=(slope, lambda s: int((s > 0).sum())),
+        n_ci_above_zero=("ci_above_zero", "sum"),
+        n_survive=("survive", "sum"),
     )
     table["fraction_survive"] = table.n_survive / table.n_runs
     return table.reset_index()[columns]
 
 
-def spearman_with_ci(
-    x: pd.Series, y: pd.Series, ci: float = 0.95, n_boot: int = N_BOOT, seed: int = SEED
-) -> dict:
-    """Spearman rho, its p-value, and a percentile bootstrap CI over (x, y) pairs."""
+MIN_POINTS_FOR_INTERVAL = 8
+RHO_COLUMNS = ["n", "rho", "p_value", "rho_lo", "rho_hi", "interval"]
+
+
+def spearman_with_ci(x: pd.Series, y: pd.Series, ci: float = 0.95) -> dict:
+    """Spearman rho between paired points, with its CI and p-value from one method: Fisher's z = atanh(rho)
+    with the standard error sqrt(1.06 / (n - 3)) of Fieller, Hartley & Pearson (1957), so p < 1 - ci exactly
+    when the interval excludes zero. No interval or p-value below MIN_POINTS_FOR_INTERVAL points, or when
+    points share an x value (ties from runs that share one measurement are not independent points);
+    `interval` says why."""
     pairs = pd.DataFrame({"x": x, "y": y}).replace([np.inf, -np.inf], np.nan).dropna()
     n = len(pairs)
     out = {"n": n, "rho": math.nan, "p_value": math.nan, "rho_lo": math.nan, "rho_hi": math.nan}
     if n < 3 or pairs.x.nunique() < 2 or pairs.y.nunique() < 2:
-        return out
-    result = stats.spearmanr(pairs.x, pairs.y)
-    out["rho"], out["p_value"] = float(result.statistic), float(result.pvalue)
-    rng = np.random.default_rng(seed)
-    xs, ys = pairs.x.to_numpy(), pairs.y.to_numpy()
-    draws = rng.integers(0, n, size=(n_boot, n))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # constant resamples give NaN, dropped below
-        rhos = np.array([stats.spearmanr(xs[d], ys[d]).statistic for d in draws], dtype=float)
-    rhos = rhos[np.isfinite(rhos)]
-    if rhos.size:
-        out["rho_lo"], out["rho_hi"] = (float(q) for q in np.quantile(rhos, [(1 - ci) / 2, (1 + ci) / 2]))
-    return out
+        return {**out, "interval": "too few distinct points"}
+    rho = float(stats.spearmanr(pairs.x, pairs.y).statistic)
+    out["rho"] = rho
+    if n < MIN_POINTS_FOR_INTERVAL:
+        return {**out, "interval": f"none: n < {MIN_POINTS_FOR_INTERVAL}"}
+    if pairs.x.duplicated().any():
+        return {**out, "interval": "none: runs share x values"}
+    se = math.sqrt(1.06 / (n - 3))
+    z = math.atanh(min(max(rho, -0.999999), 0.999999))
+    half = stats.norm.ppf((1 + ci) / 2) * se
+    out["rho_lo"], out["rho_hi"] = math.tanh(z - half), math.tanh(z + half)
+    out["p_value"] = float(2 * stats.norm.sf(abs(z) / se))
+    return {**out, "interval": f"Fisher z, {ci:.0%}"}
+
+
+def one_point_per_measurement(runs: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Runs of one setting that share an x value are one point (y averaged over them): the controls of a
+    setting and seed share their step-0 measurement (`timings.init_shared`), and a deterministic distance
+    (an LM objective's KL) is the same number for every seed. They are replicates, not independent points."""
+    if "setting_hash" not in runs:
+        return pd.DataFrame({"x": runs[x], "y": runs[y]})
+    return (
+        runs.groupby(["setting_hash", x], dropna=True)
+        .agg(y=(y, "mean"))
+        .reset_index()
+        .rename(columns={x: "x"})
+    )
 
 
 def steepness_vs_distance(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.DataFrame:
-    """Spearman rho between the profile's steepness and init.kl_norm, per control and over all runs."""
+    """Spearman rho between the training-free objective distance (init.kl_norm) and the profile's shape: the
+    paper's linear slope first, the log-linear growth rate (steepness) second; per control and over all runs
+    (one point per step-0 measurement). Runs that did not train are left out."""
     rows = []
+    runs = trained(runs)
     for control, group in [("all", runs), *runs.groupby("control")]:
-        if f"{metric}_steepness" not in group or "init_kl_norm" not in group:
-            continue
-        rows.append(
-            {
-                "metric": metric,
-                "control": control,
-                "x": "init_kl_norm",
-                "y": f"{metric}_steepness",
-                **spearman_with_ci(group["init_kl_norm"], group[f"{metric}_steepness"], ci=ci),
-            }
-        )
-    return pd.DataFrame(
-        rows, columns=["metric", "control", "x", "y", "n", "rho", "p_value", "rho_lo", "rho_hi"]
-    )
+        for shape in ("slope", "steepness"):
+            y = f"{metric}_{shape}"
+            if y not in group or "init_kl_norm" not in group:
+                continue
+            points = one_point_per_measurement(group, "init_kl_norm", y)
+            rows.append(
+                {
+                    "metric": metric,
+                    "control": control,
+                    "x": "init_kl_norm",
+                    "y": y,
+                    **spearman_with_ci(points.x, points.y, ci=ci),
+                }
+            )
+    return pd.DataFrame(rows, columns=["metric", "control", "x", "y", *RHO_COLUMNS])
 
 
 def width_variance(runs: pd.DataFrame, metric: str, width: str = "width_count") -> pd.DataFrame:
@@ -144,7 +190,8 @@ def width_variance(runs: pd.DataFrame, metric: str, width: str = "width_count") 
 
     column = f"{metric}_{width}"
     columns = ["metric", "width", "factor", "sum_sq", "df", "F", "p_value", "eta_sq", "n_runs"]
-    data = runs[runs.control == "standard"].dropna(subset=[column]) if column in runs else runs.iloc[:0]
+    standard = trained(runs[runs.control == "standard"])
+    data = standard.dropna(subset=[column]) if column in runs else runs.iloc[:0]
     data = data.rename(columns={column: "w"})
     factors = [f for f in ("model", "objective") if f in data and data[f].nunique() > 1]
     if len(data) < 4 or not factors or data.w.nunique() < 2:
@@ -183,7 +230,7 @@ def step0_prediction(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.Da
     """Per control: Spearman rho between the trained slope and each step-0 profile slope that was recorded."""
     rows = []
     slope = f"{metric}_slope"
-    for control, group in runs.groupby("control"):
+    for control, group in trained(runs).groupby("control"):
         for predictor, label in STEP0_PREDICTORS.items():
             if predictor not in group or group[predictor].isna().all() or slope not in group:
                 continue
@@ -195,9 +242,7 @@ def step0_prediction(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.Da
                     **spearman_with_ci(group[predictor], group[slope], ci=ci),
                 }
             )
-    return pd.DataFrame(
-        rows, columns=["metric", "control", "predictor", "n", "rho", "p_value", "rho_lo", "rho_hi"]
-    )
+    return pd.DataFrame(rows, columns=["metric", "control", "predictor", *RHO_COLUMNS])
 
 
 # Ren et al. 2023: feature metric -> the paper's trend against energy
@@ -282,19 +327,18 @@ def trend_shape(x: pd.Series, y: pd.Series) -> tuple[str, float]:
     return ("increasing" if rho > 0 else "decreasing"), math.nan
 
 
-def head_energy_trend(energy_runs: pd.DataFrame, ci: float = 0.95, n_boot: int = N_BOOT) -> pd.DataFrame:
+def head_energy_trend(energy_runs: pd.DataFrame, ci: float = 0.95) -> pd.DataFrame:
     """Per model, feature metric and where (last layer | sum over layers): Spearman rho of the metric vs the
     energy at the switch (bootstrap CI over runs), the shape of the relation, and whether it agrees with the
     paper (`_agrees`: distances increase with energy; dot product and norm rise then fall)."""
-    columns = ["model", "metric", "where", "paper", "n", "rho", "p_value", "rho_lo", "rho_hi"]
-    columns += ["shape", "peak_energy", "agrees"]
+    columns = ["model", "metric", "where", "paper", *RHO_COLUMNS, "shape", "peak_energy", "agrees"]
     rows = []
     for model, group in energy_runs.groupby("model"):
         for metric, paper in HEAD_ENERGY_TREND.items():
             for where in ("last", "sum"):
                 y = group[f"{metric}_{where}"]
                 shape, peak = trend_shape(group.energy, y)
-                rho = spearman_with_ci(group.energy, y, ci=ci, n_boot=n_boot)
+                rho = spearman_with_ci(group.energy, y, ci=ci)
                 row = {"model": model, "metric": metric, "where": where, "paper": paper, **rho}
                 rows.append(
                     {**row, "shape": shape, "peak_energy": peak, "agrees": _agrees(paper, shape, rho)}

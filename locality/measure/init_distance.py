@@ -174,7 +174,8 @@ def fit_linear_probe(
     device: str | torch.device = "cpu",
 ) -> LinearProbe:
     """Multinomial logistic regression, float64 L-BFGS (deterministic), on features standardized with the
-    training mean and std. Minimises mean cross-entropy + l2/2 ||W||^2 (bias not penalised). l2=None picks
+    training mean and std. Minimises mean cross-entropy + l2/2 (||W||^2 + ||b||^2): the bias is penalised too,
+    so a class absent from the training rows keeps a finite bias and the fit a unique optimum. l2=None picks
     it from PROBE_L2 by 2-fold cross-validation over `groups` (e.g. the example each token belongs to;
     None = every row its own; folds = a seeded random half of the groups), fitting the largest l2 first and warm-starting the next. Runs on `device`
     (the module's: CUDA for large d and many token rows), the CPU single-threaded.
@@ -231,7 +232,9 @@ def _lbfgs(
     max_iter: int,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """[d+1, K] weights (last row = bias) minimising mean CE + l2/2 ||W[:-1]||^2: SciPy's L-BFGS-B driving an
+    """[d+1, K] weights (last row = bias) minimising mean CE + l2/2 ||W||^2 (the bias too: a class absent from
+    the training rows would otherwise send its bias to -inf, and the fit would stop wherever the iteration cap
+    falls): SciPy's L-BFGS-B driving an
     analytic loss and gradient computed by torch on Z's device (float64). Against torch.optim.LBFGS with
     autograd, the same optimum ~30x faster on small probes, where Python overhead per evaluation dominated
     (bench/measure_cost.py; the mini matrix's step-0 distance went from ~3 s to ~0.3 s per run)."""
@@ -243,9 +246,9 @@ def _lbfgs(
     def loss_and_grad(flat):
         W = torch.from_numpy(flat).to(Z.device).view(d + 1, n_classes)
         logp = torch.log_softmax(Z @ W[:-1] + W[-1], dim=1)
-        loss = -(onehot * logp).sum() / n + 0.5 * l2 * W[:-1].square().sum()
+        loss = -(onehot * logp).sum() / n + 0.5 * l2 * W.square().sum()
         residual = (logp.exp() - onehot) / n
-        grad = torch.cat([Z.T @ residual + l2 * W[:-1], residual.sum(0, keepdim=True)])
+        grad = torch.cat([Z.T @ residual, residual.sum(0, keepdim=True)]) + l2 * W
         return float(loss), grad.cpu().numpy().ravel()
 
     x0 = (start if start is not None else Z.new_zeros(d + 1, n_classes)).cpu().numpy().ravel()

@@ -10,12 +10,21 @@ TABLE_METRICS = ("cosine", "cosine_tokens", "cka_linear", "cka_debiased", "procr
 PROFILE_SCALARS = ("slope", "slope_per_layer", "slope_jackknife", "steepness", "width", "width_count")
 
 
+def _small(value) -> bool:
+    """Too small for 4 decimals: printed in scientific notation, so a real value never reads as 0.0000."""
+    return value != 0 and abs(value) < 5e-4
+
+
 def _fmt(value) -> str:
-    return "      -" if value is None else f"{value:7.4f}"
+    if value is None:
+        return "      -"
+    return f"{value:7.1e}" if _small(value) else f"{value:7.4f}"
 
 
 def _signed(value, width: int) -> str:
-    return f"{'-':>{width}}" if value is None else f"{value:+{width}.4f}"
+    if value is None:
+        return f"{'-':>{width}}"
+    return f"{value:+{width}.2e}" if _small(value) else f"{value:+{width}.4f}"
 
 
 def _level(results: dict) -> str:
@@ -47,7 +56,7 @@ def format_profile(results: dict) -> str:
     notes = {}
     for metric, stats in results["profile"].items():
         ci = stats.get("slope_ci")
-        ci_text = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "(none)"
+        ci_text = f"[{_signed(ci[0], 0)}, {_signed(ci[1], 0)}]" if ci else "(none)"
         if not ci and stats.get("ci_note") and metric != "weight_rel":
             notes[metric] = stats["ci_note"]
         width = stats.get("width")

@@ -355,13 +355,25 @@ def test_target_nll_is_minus_mean_log_p_of_the_target():
 
 def test_probe_of_uninformative_features_predicts_the_training_class_frequencies():
     # constant features: the best linear read-out is the prior of the training labels, so the held-out
-    # KL(onehot || p) = -mean log freq_train(y)
+    # KL(onehot || p) = -mean log freq_train(y) (a vanishing penalty: the bias is penalised too)
     y = torch.tensor([0] * 6 + [1] * 3 + [2] * 1)
-    probe = fit_linear_probe(torch.ones(10, 4), y, 3)
+    probe = fit_linear_probe(torch.ones(10, 4), y, 3, l2=1e-9, max_iter=2000)
     y_eval = torch.tensor([0, 1, 2, 2])
     nll = float(torch.nn.functional.cross_entropy(probe(torch.ones(4, 4)), y_eval))
     expected = -(math.log(0.6) + math.log(0.3) + 2 * math.log(0.1)) / 4
     assert nll == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_class_absent_from_the_probe_training_rows_keeps_a_finite_bias():
+    # unpenalised, the absent class's bias runs to -inf and the KL depends on where the iteration cap stops it
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(60) % 3  # class 3 of 4 never appears
+    X = torch.randn(60, 5, generator=g, dtype=torch.float64) + 2 * torch.nn.functional.one_hot(y, 5)
+    fits = [fit_linear_probe(X, y, 4, l2=0.01, max_iter=cap) for cap in (50, 2000)]
+    assert all(torch.isfinite(f.bias).all() and f.bias[3] > -5 for f in fits)
+    held = torch.tensor([0, 1, 2, 3])
+    kls = [float(torch.nn.functional.cross_entropy(f(X[:4]), held)) for f in fits]
+    assert kls[0] == pytest.approx(kls[1], abs=1e-6)
 
 
 def test_probe_of_separable_features_is_near_zero_kl():
@@ -386,7 +398,7 @@ def test_probe_fit_reaches_the_regularized_optimum():
     l2 = 0.01
 
     def objective(W):
-        return torch.nn.functional.cross_entropy(X @ W[:-1] + W[-1], y) + 0.5 * l2 * W[:-1].square().sum()
+        return torch.nn.functional.cross_entropy(X @ W[:-1] + W[-1], y) + 0.5 * l2 * W.square().sum()
 
     W = _lbfgs(X, y, 5, l2, max_iter=500).requires_grad_(True)
     (grad,) = torch.autograd.grad(objective(W), W)
@@ -492,3 +504,10 @@ def test_a_run_reports_the_paper_definitions(train):
         )
     assert small["init"]["kl_source"] == "lm" and small["init"]["kl_norm"] > 0
     assert "no interval" in format_profile(small)
+
+
+def test_the_run_report_never_prints_a_real_value_as_zero():
+    from locality.measure.report import _fmt, _signed
+
+    assert _signed(4.4e-18, 9).strip() == "+4.40e-18" and _signed(0.0118, 9).strip() == "+0.0118"
+    assert _fmt(3.2e-5).strip() == "3.2e-05" and _fmt(0.0).strip() == "0.0000" and _fmt(None).strip() == "-"
