@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         "width_variance": tables.width_variance(runs, metric),
         "step0_prediction": tables.step0_prediction(runs, metric, ci=ci),
     }
+    if "init_kl_excess" in runs and runs.init_kl_excess.notna().any():
+        paper_tables["dose_response"] = tables.dose_response(runs, metric, ci=ci)
     if (runs.control == "linearized").any():
         paper_tables["linearized_vs_standard"] = tables.linearized_vs_standard(runs, metric)
     energy_runs = tables.head_energy_runs(found.results)
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         figures.steepness_scatter(runs, metric, out, rho_all),
         figures.dynamics_figure(dynamics, metric, out),
     ]
+    if "dose_response" in paper_tables:
+        made.append(figures.dose_response_figure(runs, paper_tables["dose_response"], metric, out))
     if not energy_runs.empty:
         made.append(figures.head_energy_figure(energy_runs, paper_tables["head_energy_trend"], out))
     per_run = [

@@ -19,6 +19,7 @@ EXPECTED = {  # preset: (family, block_type, n_layers, blocks_path)
     "tiny_mamba": ("ssm", "recurrent", 3, "layers"),
     "tiny_rwkv": ("rnn", "recurrent", 3, "blocks"),
     "tiny_gpt2_l": ("decoder", "sequential", 6, "h"),
+    "tiny_gpt2_deep": ("decoder", "sequential", 8, "h"),
     "tiny_opt_l": ("decoder", "sequential", 6, "decoder.layers"),
     "tiny_pythia_l": ("decoder", "parallel", 6, "layers"),
     "tiny_codegen_l": ("decoder", "parallel", 6, "h"),

@@ -54,7 +54,14 @@ def test_the_study_presets_are_all_there():
 
 
 @pytest.mark.parametrize(
-    ("experiment", "runs"), [("tiny_matrix", 64), ("minilm_equal_step", 6), ("head_energy", 6)]
+    ("experiment", "runs"),
+    [
+        ("tiny_matrix", 64),
+        ("minilm_equal_step", 6),
+        ("head_energy", 6),
+        ("real_pair", 16),
+        ("distance_dose", 21),
+    ],
 )
 def test_experiments_sweep_existing_options(experiment, runs):
     """Every run of the sweep composes, validates and has its own directory (paper_240: tests/test_plan.py)."""

@@ -182,6 +182,52 @@ def steepness_scatter(runs: pd.DataFrame, metric: str, out: Path, rho: dict | No
     return _save(fig, out / "figures" / f"steepness_vs_distance_{metric}.png")
 
 
+def dose_response_figure(runs: pd.DataFrame, table: pd.DataFrame, metric: str, out: Path) -> Path | None:
+    """The profile's slope against the exact objective distance: every run (dots), the setting means
+    (squares) and the fitted line with its b and interval, one panel per model x objective."""
+    data = runs.dropna(subset=["init_kl_excess", f"{metric}_slope"]) if "init_kl_excess" in runs else runs[:0]
+    if "did_not_train" in data:
+        data = data[~data.did_not_train.astype(bool)]
+    if data.empty:
+        return None
+    plt = _pyplot()
+    panels = list(data.groupby(["model", "objective"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    for ax, ((model, objective), group) in zip(axes[0], panels, strict=True):
+        for i, (control, runs_c) in enumerate(group.groupby("control")):
+            style = _style(control, i)
+            ax.scatter(
+                runs_c.init_kl_excess, runs_c[f"{metric}_slope"], s=12, alpha=0.5, color=style["color"]
+            )
+            means = runs_c.groupby("setting_hash")[["init_kl_excess", f"{metric}_slope"]].mean()
+            ax.scatter(means.init_kl_excess, means[f"{metric}_slope"], marker="s", color=style["color"])
+            fit = table[
+                (table.model == model)
+                & (table.objective == objective)
+                & (table.control == control)
+                & (table.y == f"{metric}_slope")
+            ]
+            if len(fit) and np.isfinite(fit.b.iloc[0]):
+                row = fit.iloc[0]
+                xs = np.linspace(means.init_kl_excess.min(), means.init_kl_excess.max(), 50)
+                intercept = means[f"{metric}_slope"].mean() - row.b * means.init_kl_excess.mean()
+                ax.plot(
+                    xs,
+                    intercept + row.b * xs,
+                    color=style["color"],
+                    ls=style["ls"],
+                    label=f"{control}: b = {row.b:+.3g} [{row.b_lo:+.3g}, {row.b_hi:+.3g}], "
+                    f"one-sided p = {row.p_one_sided:.2g}",
+                )
+        ax.set_title(f"{model}, {objective}", fontsize=9)
+        ax.set_xlabel("objective distance at step 0: exact KL(target ‖ pretrained), nats", fontsize=8)
+        ax.set_ylabel(f"slope of {label(metric)} vs depth", fontsize=8)
+        ax.axhline(0, color="0.6", lw=0.8)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.25)
+    return _save(fig, out / "figures" / f"dose_response_{metric}.png")
+
+
 def dynamics_figure(dynamics: pd.DataFrame, metric: str, out: Path) -> Path | None:
     data = dynamics[dynamics.metric == metric] if not dynamics.empty else dynamics
     if data.empty:

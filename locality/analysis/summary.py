@@ -133,6 +133,8 @@ def summary_markdown(
         "Fisher-z interval and p-value, none below 8 points or for shared x)",
         "width_variance": f"Variance in width ({metric} width_count) explained by architecture vs objective",
         "step0_prediction": "Does the step-0 profile predict the trained one? (Spearman ρ across runs)",
+        "dose_response": f"Dose-response: is the {metric} profile steeper where the objective is further? (OLS "
+        "of the profile's slope on the exact excess divergence, one point per setting; hypothesis b > 0)",
         "linearized_vs_standard": f"Linearized vs standard fine-tuning ({metric} slope and final loss, mean over seeds)",
     }
     for key, title in titles.items():

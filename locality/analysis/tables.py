@@ -9,6 +9,9 @@ Every table counts only runs that trained (`trained`; `locality.results.did_not_
   and a relative slope of at least MIN_RELATIVE_SLOPE).
 - `steepness_vs_distance`: Spearman rho between the training-free objective distance (`init.kl_norm`) and the
   profile's linear slope, then its steepness (one point per step-0 measurement).
+- `dose_response`: for runs whose objective distance is exact (objective=distill, experiment=distance_dose):
+  the OLS slope of the profile's linear slope (then steepness) on the distance, one point per setting, with a
+  t interval and the one-sided p-value of the hypothesis that it is positive.
 - `width_variance`: the share of variance in width explained by architecture vs objective (two-way ANOVA,
   eta squared, statsmodels).
 - `step0_prediction`: does the profile at step 0 predict the trained one? Spearman rho across runs between
@@ -181,6 +184,48 @@ def steepness_vs_distance(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> 
                 }
             )
     return pd.DataFrame(rows, columns=["metric", "control", "x", "y", *RHO_COLUMNS])
+
+
+DOSE_COLUMNS = ["metric", "model", "objective", "control", "y", "n_settings", "n_runs", "x_min", "x_max"]
+DOSE_COLUMNS += ["b", "b_lo", "b_hi", "p_one_sided", "hypothesis", "supported"]
+
+
+def dose_response(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.DataFrame:
+    """Does the profile steepen where the objective is further? For runs with an exact excess divergence
+    (`init_kl_excess`: objective=distill, experiment=distance_dose), per model x objective x control: the OLS
+    slope b of the profile's linear slope (then its log-rate steepness) on the distance, one point per setting
+    (seeds averaged: they are replicates), a t interval on n - 2 degrees of freedom and the one-sided p-value
+    of the stated hypothesis b > 0. `supported`: the interval lies above zero."""
+    rows = []
+    if "init_kl_excess" not in runs:
+        return pd.DataFrame(columns=DOSE_COLUMNS)
+    dosed = trained(runs).dropna(subset=["init_kl_excess"])
+    for (model, objective, control), group in dosed.groupby(["model", "objective", "control"]):
+        for shape in ("slope", "steepness"):
+            y = f"{metric}_{shape}"
+            if y not in group:
+                continue
+            points = group.groupby("setting_hash").agg(x=("init_kl_excess", "mean"), y=(y, "mean")).dropna()
+            row = {"metric": metric, "model": model, "objective": objective, "control": control, "y": y}
+            row |= {"n_settings": len(points), "n_runs": len(group), "hypothesis": "b > 0"}
+            row |= {"x_min": points.x.min(), "x_max": points.x.max()}
+            fit = _ols(points.x.to_numpy(float), points.y.to_numpy(float), ci)
+            rows.append(
+                row | fit | {"supported": bool(fit["b_lo"] > 0) if np.isfinite(fit["b_lo"]) else None}
+            )
+    return pd.DataFrame(rows, columns=DOSE_COLUMNS)
+
+
+def _ols(x: np.ndarray, y: np.ndarray, ci: float) -> dict:
+    """Slope of y on x with its t interval (n - 2 df) and the one-sided p-value for slope > 0."""
+    none = {"b": math.nan, "b_lo": math.nan, "b_hi": math.nan, "p_one_sided": math.nan}
+    if len(x) < 3 or np.ptp(x) == 0:
+        return none
+    fit = stats.linregress(x, y)
+    dof = len(x) - 2
+    half = stats.t.ppf((1 + ci) / 2, dof) * fit.stderr
+    p = stats.t.sf(fit.slope / fit.stderr, dof) if fit.stderr > 0 else (0.0 if fit.slope > 0 else 1.0)
+    return {"b": fit.slope, "b_lo": fit.slope - half, "b_hi": fit.slope + half, "p_one_sided": float(p)}
 
 
 def width_variance(runs: pd.DataFrame, metric: str, width: str = "width_count") -> pd.DataFrame:

@@ -21,6 +21,11 @@ Measured before any update, in eval mode (no dropout):
     state; tok: every scored token's last hidden state): a multinomial logistic-regression probe
     (`fit_linear_probe`), fitted on the first `measure.kl_probe_train` training examples and evaluated
     on the held-out validation split; K = the objective's number of classes.
+  - Objectives whose target is a known distribution (`loss_is_divergence`: objective=distill) have a loss
+    that is KL(target || model) itself, so at step 0 `kl` is the loss (`kl_source` "exact"). Cross-entropy
+    against observed tokens has an entropy floor (the text's own entropy: pretraining text scores ~0.7 of
+    ln V against the pretrained model); this KL has none. `kl_excess` records it as the excess divergence,
+    the cross-entropy at step 0 minus the target's own entropy (the least any model could reach).
 """
 
 from __future__ import annotations
@@ -91,7 +96,10 @@ def objective_distance(
     finally:
         module.zero_grad(set_to_none=True)
         module.train(model_mode)
-    if lm:
+    if getattr(module.objective, "loss_is_divergence", False):  # the loss is KL(target || model) itself
+        result.update(_kl(result["loss"], n_classes, "exact", scored))
+        result["kl_excess"] = result["kl"]  # no entropy floor to subtract: KL = cross-entropy - H(target)
+    elif lm:
         result.update(_kl(nll / scored if scored else math.nan, n_classes, "lm", scored))
     elif getattr(module.objective, "head", None) is not None and probe_train and probe_eval:
         result.update(probe_kl(module, probe_train, probe_eval, forward_context))
