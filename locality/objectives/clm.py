@@ -18,7 +18,7 @@ class CausalLM(LanguageModeling):
     def check_family(cls, family: str, config) -> None:
         if family == "encoder":
             raise UserError(
-                f"objective=clm needs a causal model, but this {config.model_type} model is a "
+                f"objective={cls.name} needs a causal model, but this {config.model_type} model is a "
                 "bidirectional encoder. Use objective=mlm, cls or tok with encoders."
             )
 

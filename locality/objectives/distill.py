@@ -20,10 +20,11 @@ from torch import nn
 
 from locality.backbones import Backbone, no_cache
 from locality.errors import UserError
-from locality.objectives.base import IGNORE, LanguageModeling, StepOutput, Task
+from locality.objectives.base import IGNORE, StepOutput, Task
+from locality.objectives.clm import CausalLM
 
 
-class Distill(LanguageModeling):
+class Distill(CausalLM):
     name = "distill"
     head_kind = "causal_lm"
     loss_is_divergence = True  # the loss is KL(target || model): the step-0 loss is the objective distance
@@ -53,14 +54,6 @@ class Distill(LanguageModeling):
         # run rebuilds it from the same pretrained weights), moved to the batch's device when first used.
         teacher = copy.deepcopy(backbone.model).eval().requires_grad_(False)
         self._teacher = [teacher]
-
-    @classmethod
-    def check_family(cls, family: str, config) -> None:
-        if family == "encoder":
-            raise UserError(
-                f"objective=distill distils a causal LM, but this {config.model_type} model is a bidirectional "
-                "encoder. Use a decoder, SSM or RNN model."
-            )
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return self.tokenize([e["text"] for e in examples])
