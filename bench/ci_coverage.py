@@ -3,6 +3,7 @@
     python bench/ci_coverage.py                 # default: two settings, ~1-2 min on 2 cores
     python bench/ci_coverage.py --sims 1000     # tighter Monte Carlo error (+-0.7% at 95%)
     python bench/ci_coverage.py --settings 256x8 128x32 64x32
+    python bench/ci_coverage.py --settings 128x32 --change 1 3 6   # small to large change (1 - CKA up to ~0.7)
 
 Synthetic depth profiles with a known slope. Per layer l = 0..L the pre features are X = x (one draw of
 anisotropic Gaussian features per probe example, spectrum ~ 1/j) and the post features are
@@ -44,15 +45,16 @@ METRICS = ("cosine", "cka_debiased", "cka_linear", "procrustes")
 N_LAYERS = 5  # depth points l = 0..4
 
 
-def model(d: int, seed: int = 1234):
-    """Fixed per setting: feature spectrum, rotations R_l and noise levels sigma_l."""
+def model(d: int, change: float = 1.0, seed: int = 1234):
+    """Fixed per setting: feature spectrum, rotations R_l and noise levels sigma_l (`change` scales both: 1 is
+    the small-change regime, 1 - CKA <= ~0.2 at the top; 4-6 reach 1 - CKA ~ 0.5-0.7)."""
     g = torch.Generator().manual_seed(seed)
     scale = (1.0 / torch.arange(1, d + 1, dtype=torch.float64)).sqrt()  # variance ~ 1/j
     A = torch.randn(d, d, generator=g, dtype=torch.float64)
     A = (A - A.T) / (A - A.T).norm() * math.sqrt(d)
     depth = torch.linspace(0, 1, N_LAYERS, dtype=torch.float64)
-    rotations = [torch.linalg.matrix_exp(0.15 * float(t) * A / math.sqrt(d)) for t in depth]
-    sigma = [0.05 + 0.45 * float(t) for t in depth]
+    rotations = [torch.linalg.matrix_exp(change * 0.15 * float(t) * A / math.sqrt(d)) for t in depth]
+    sigma = [change * (0.05 + 0.45 * float(t)) for t in depth]
     return scale, rotations, sigma
 
 
@@ -68,8 +70,8 @@ def sample(n: int, d: int, seed: int, params) -> tuple[list[torch.Tensor], list[
     return [x] * N_LAYERS, post
 
 
-def population(d: int, n_truth: int, params) -> dict[str, float]:
-    """Slope of each metric's population profile, estimated on one very large sample (feature-space forms)."""
+def population(d: int, n_truth: int, params) -> tuple[dict[str, float], dict[str, float]]:
+    """(slope, top-layer value) of each metric's population profile, estimated on one very large sample."""
     pre, post = sample(n_truth, d, 0, params)
     fns = {
         "cosine": cosine_distance,
@@ -78,9 +80,9 @@ def population(d: int, n_truth: int, params) -> dict[str, float]:
         "procrustes": procrustes_distance,
     }
     depth = [i / (N_LAYERS - 1) for i in range(N_LAYERS)]
-    return {
-        m: profile_stats(depth, [fn(a, b) for a, b in zip(pre, post, strict=True)])["slope"]
-        for m, fn in fns.items()
+    profiles = {m: [fn(a, b) for a, b in zip(pre, post, strict=True)] for m, fn in fns.items()}
+    return {m: profile_stats(depth, p)["slope"] for m, p in profiles.items()}, {
+        m: p[-1] for m, p in profiles.items()
     }
 
 
@@ -108,11 +110,11 @@ def one(args) -> dict[str, tuple]:
 
 
 def run_setting(
-    n: int, d: int, sims: int, n_boot: int, groups: int, ci: float, n_truth: int, workers: int
+    n: int, d: int, sims: int, n_boot: int, groups: int, ci: float, n_truth: int, workers: int, change: float
 ) -> None:
-    params = model(d)
+    params = model(d, change)
     start = time.perf_counter()
-    truth = population(d, n_truth, params)
+    truth, top = population(d, n_truth, params)
     jobs = [(n, d, 1000 + s, n_boot, groups, ci, params, truth) for s in range(sims)]
     with ProcessPoolExecutor(workers) as pool:
         results = list(pool.map(one, jobs, chunksize=max(1, sims // (4 * workers))))
@@ -120,18 +122,18 @@ def run_setting(
     rule = "jackknife" if d <= n / 4 else "none (d > n/4)"
     print(
         f"\nn={n} probe rows, d={d} features, {N_LAYERS} layers, {sims} simulations, {n_boot} bootstrap "
-        f"replicates, G={groups} jackknife groups, nominal {100 * ci:g}% (MC s.e. {se:.3f}); "
+        f"replicates, G={groups} jackknife groups, change x{change:g}, nominal {100 * ci:g}% (MC s.e. {se:.3f}); "
         f"plug-in rule here: {rule}; {time.perf_counter() - start:.0f} s"
     )
     print(
-        f"{'metric':<13} {'true slope':>10} {'cover boot':>10} {'cover jack':>10} {'bias plain':>10} "
-        f"{'bias jack':>10} {'width boot':>10} {'width jack':>10}"
+        f"{'metric':<13} {'top value':>10} {'true slope':>10} {'cover boot':>10} {'cover jack':>10} "
+        f"{'bias plain':>10} {'bias jack':>10} {'width boot':>10} {'width jack':>10}"
     )
     for m in METRICS:
         rows = np.array([r[m] for r in results], dtype=np.float64)
         t = truth[m]
         print(
-            f"{m:<13} {t:10.5f} {rows[:, 0].mean():10.3f} {rows[:, 1].mean():10.3f} "
+            f"{m:<13} {top[m]:10.4f} {t:10.5f} {rows[:, 0].mean():10.3f} {rows[:, 1].mean():10.3f} "
             f"{rows[:, 2].mean() / abs(t):+10.1%} {rows[:, 3].mean() / abs(t):+10.1%} "
             f"{rows[:, 4].mean():10.5f} {rows[:, 5].mean():10.5f}"
         )
@@ -147,6 +149,13 @@ def main() -> None:
         default=["256x8", "128x32"],
         help="NxD settings: probe rows x feature dimension (default: n >> d and d = n/4)",
     )
+    parser.add_argument(
+        "--change",
+        nargs="+",
+        type=float,
+        default=[1.0],
+        help="scales of the change (rotation angle and noise; 1: small, 4-6: 1 - CKA ~ 0.5-0.7 at the top)",
+    )
     parser.add_argument("--sims", type=int, default=160)
     parser.add_argument("--n-boot", type=int, default=200)
     parser.add_argument("--groups", type=int, default=32)
@@ -157,7 +166,10 @@ def main() -> None:
     start = time.perf_counter()
     for setting in args.settings:
         n, d = (int(v) for v in setting.lower().split("x"))
-        run_setting(n, d, args.sims, args.n_boot, args.groups, args.ci, args.n_truth, args.workers)
+        for change in args.change:
+            run_setting(
+                n, d, args.sims, args.n_boot, args.groups, args.ci, args.n_truth, args.workers, change
+            )
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
 

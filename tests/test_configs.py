@@ -60,7 +60,7 @@ def test_the_study_presets_are_all_there():
         ("minilm_equal_step", 6),
         ("head_energy", 6),
         ("real_pair", 16),
-        ("distance_dose", 21),
+        ("distance_dose", 39),
     ],
 )
 def test_experiments_sweep_existing_options(experiment, runs):

@@ -24,7 +24,9 @@ Measured before any update, in eval mode (no dropout):
   - Objectives whose target is a known distribution (`loss_is_divergence`: objective=distill) have a loss
     that is KL(target || model) itself, so at step 0 `kl` is the loss (`kl_source` "exact"). Cross-entropy
     against observed tokens has an entropy floor (the text's own entropy: pretraining text scores ~0.7 of
-    ln V against the pretrained model); this KL has none. `kl_excess` records it as the excess divergence,
+    ln V against the pretrained model); this KL has none.
+  - `kl_excess`, for objectives that know their target's entropy (`target_entropy`: distill, whose loss is
+    already the KL, and teacher_cls, whose labels are a fixed function of the text): the excess divergence,
     the cross-entropy at step 0 minus the target's own entropy (the least any model could reach).
 """
 
@@ -98,13 +100,15 @@ def objective_distance(
         module.train(model_mode)
     if getattr(module.objective, "loss_is_divergence", False):  # the loss is KL(target || model) itself
         result.update(_kl(result["loss"], n_classes, "exact", scored))
-        result["kl_excess"] = result["kl"]  # no entropy floor to subtract: KL = cross-entropy - H(target)
     elif lm:
         result.update(_kl(nll / scored if scored else math.nan, n_classes, "lm", scored))
     elif getattr(module.objective, "head", None) is not None and probe_train and probe_eval:
         result.update(probe_kl(module, probe_train, probe_eval, forward_context))
     else:
         result.update({"kl": None, "kl_norm": None, "kl_source": None, "kl_n": 0})
+    floor = getattr(module.objective, "target_entropy", None)  # known for objectives built for the dose test
+    if floor is not None and result["kl"] is not None:
+        result["kl_excess"] = result["kl"] - floor  # cross-entropy at step 0 minus the target's own entropy
     return result
 
 

@@ -28,6 +28,7 @@ class Distill(CausalLM):
     name = "distill"
     head_kind = "causal_lm"
     loss_is_divergence = True  # the loss is KL(target || model): the step-0 loss is the objective distance
+    target_entropy = 0.0  # ... and already the excess over the target's entropy (init.kl_excess = init.kl)
 
     def __init__(
         self,
