@@ -48,7 +48,7 @@ from locality.measure.capture import (
     weights_fingerprint,
 )
 from locality.measure.init_distance import objective_distance
-from locality.measure.profile import interval_method, ols_slope, profile_stats
+from locality.measure.profile import interval_method, large_change_note, ols_slope, profile_stats
 from locality.measure.similarity import (
     FEATURE_METRICS,
     TOKEN_METRICS,
@@ -259,6 +259,9 @@ class DepthProfiler:
             changes["cosine_tokens"] = token_change(
                 token_sums, token_counts, n_boot=self.cfg.n_boot, seed=self.seed
             )
+        for m in pooled:
+            note = large_change_note(m, changes[m].values) if plans[m][0] == "jackknife" else None
+            plans[m] = (None, note) if note else plans[m]
         jackknifed = [m for m in pooled if plans[m][0] == "jackknife"]
         leave_out = (
             jackknife_changes(

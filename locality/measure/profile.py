@@ -19,8 +19,9 @@ are dropped from every statistic.
     theta_(-g) the slope without group g of G, pseudo-values p_g = G theta - (G-1) theta_(-g); the interval
     is mean(p) +- t_{G-1} sd(p) / sqrt(G), and `slope_jackknife` = mean(p) is the bias-corrected slope
     (`slope` stays the plain estimate, comparable across metrics). See `jackknife_interval`.
-  - none (cka_linear, procrustes with d > n/4): no resampling interval was found to cover there, so
-    `slope_ci` is None and `ci_note` says why (`interval_method`).
+  - none (cka_linear, procrustes with d > n/4; procrustes whose change exceeds JACKKNIFE_MAX_CHANGE = 0.9
+    at some layer): no resampling interval was found to cover there, so `slope_ci` is None and `ci_note`
+    says why (`interval_method`, `large_change_note`).
 - slope_per_layer: the same OLS slope against the layer index l = 0..L (= slope / L when every layer is
   defined): the change added per layer, as the paper states steepness.
 - steepness: the log-linear growth rate over blocks 1..L, OLS slope of ln(c_l) against depth = e-folds of
@@ -179,6 +180,27 @@ def interval_method(
             f"(bench/ci_coverage.py); use cka_debiased or cosine, or >= {4 * dim} probe rows"
         )
     return "jackknife", None
+
+
+# Where the delete-a-group jackknife stops covering, by the largest change in the profile: procrustes at n=128
+# probe rows, d=32 (bench/ci_coverage.py --settings 128x32 --change 1 3 4 5 6, 120 simulations each, MC s.e.
+# 0.02): coverage 0.93 / 0.91 / 0.85 / 0.62 / 0.38 with the top layer's distance at 0.21 / 0.89 / 1.11 / 1.26 /
+# 1.37 (its bias-corrected slope stays within 5%, but the interval narrows as the distance nears its ceiling
+# of 2). cka_linear stays at 0.88-0.91 over the same range (1 - CKA up to 0.83), so it keeps its interval.
+JACKKNIFE_MAX_CHANGE = {"procrustes": 0.9}
+
+
+def large_change_note(metric: str, values: Values) -> str | None:
+    """Why `metric`'s jackknife interval is withheld for this profile (its change exceeds where it was shown
+    to cover), or None."""
+    limit = JACKKNIFE_MAX_CHANGE.get(metric)
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if limit is None or not finite or max(finite) <= limit:
+        return None
+    return (
+        f"no interval: {metric} reaches {max(finite):.2f} here, above {limit:g}, where its jackknife interval "
+        "undercovers (bench/ci_coverage.py --change); use cosine, cosine_tokens or cka_debiased"
+    )
 
 
 def replicate_slopes(depth: Values, values: Values, replicates: np.ndarray) -> np.ndarray:

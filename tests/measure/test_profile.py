@@ -118,3 +118,13 @@ def test_bootstrap_ci_of_a_clean_linear_profile_contains_the_slope():
     plain = profiles(DEPTH, {"cosine": changes["cosine"].values})
     assert plain["cosine"]["slope_ci"] is None
     assert plain["cosine"]["slope"] == stats["cosine"]["slope"]
+
+
+def test_procrustes_gets_no_jackknife_interval_where_its_change_is_large():
+    from locality.measure.profile import JACKKNIFE_MAX_CHANGE, large_change_note
+
+    assert JACKKNIFE_MAX_CHANGE == {"procrustes": 0.9}  # bench/ci_coverage.py --change: 0.91 covered at 0.89
+    assert large_change_note("procrustes", [0.0, 0.3, 0.89]) is None
+    note = large_change_note("procrustes", [0.0, None, 0.5, 1.1])
+    assert note.startswith("no interval: procrustes reaches 1.10 here, above 0.9")
+    assert large_change_note("cka_linear", [0.0, 0.5, 0.83]) is None  # it still covers there
