@@ -39,6 +39,9 @@ class RunRecord(TypedDict):
     sweep: NotRequired[str | None]
     wall_s: NotRequired[float]
     resumed_from_steps: NotRequired[list[int]]
+    did_not_train: NotRequired[
+        str | None
+    ]  # why the run is not a fine-tuning result (`did_not_train`), or None
     versions: NotRequired[dict[str, str]]
     data: NotRequired[dict[str, Any]]
 

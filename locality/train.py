@@ -52,7 +52,7 @@ from locality.measure.update_ratios import UpdateRatioMonitor
 from locality.module import LocalityModule
 from locality.provenance import versions
 from locality.quiet import quiet_libraries
-from locality.results import SCHEMA, layer_names
+from locality.results import SCHEMA, did_not_train, layer_names
 from locality.resume import RunState
 from locality.rundir import RunDir
 from locality.taxonomy import scale_band
@@ -205,6 +205,7 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         results["drop_top_k"] = evaluate_dropping_top(trainer, module, data, backbone, cfg.measure.drop_top_k)
     results["run"]["wall_s"] = run_state.wall_s  # over every segment of a resumed run
     results["run"]["resumed_from_steps"] = run_state.resumed_from_steps
+    results["run"]["did_not_train"] = did_not_train(results)  # None, or why this is not a fine-tuning result
     if not is_main_process():
         return results
     if "cross_layer" in results:

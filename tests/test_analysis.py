@@ -293,3 +293,9 @@ def test_rank_correlations_get_no_interval_from_few_or_shared_points():
     table = steepness_vs_distance(runs_table(results), "cosine").set_index(["control", "y"])
     assert table.loc[("all", "cosine_slope"), "n"] == 6 and table.loc[("all", "cosine_slope"), "rho"] == 1.0
     assert np.isnan(table.loc[("all", "cosine_slope"), "rho_lo"])
+
+
+def test_a_run_whose_weights_did_not_move_says_so_in_its_results(train):
+    result = train("model=tiny_gpt2", "objective=cls", "optim.lr=1e-12")
+    assert result["run"]["did_not_train"].startswith("no block's weights moved by 1e-06 of their norm")
+    assert train("model=tiny_gpt2", "objective=cls")["run"]["did_not_train"] is None
