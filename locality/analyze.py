@@ -38,7 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wandb", action="store_true", help="log tables and figures to W&B (offline by default)"
     )
+    parser.add_argument(
+        "--svg",
+        action="store_true",
+        help="also write every figure as SVG (text: diffable, fit for a repository)",
+    )
     args = parser.parse_args(argv)
+    figures.EXTRA_FORMATS[:] = ["svg"] if args.svg else []
 
     found = inventory(args.paths)
     for bad in found.unreadable:

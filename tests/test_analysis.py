@@ -299,3 +299,17 @@ def test_a_run_whose_weights_did_not_move_says_so_in_its_results(train):
     result = train("model=tiny_gpt2", "objective=cls", "optim.lr=1e-12")
     assert result["run"]["did_not_train"].startswith("no block's weights moved by 1e-06 of their norm")
     assert train("model=tiny_gpt2", "objective=cls")["run"]["did_not_train"] is None
+
+
+def test_analyze_writes_svg_figures_on_request(tmp_path):
+    import json
+
+    from locality.analyze import main
+
+    for r in synthetic_study(n_models=2, seeds=2):
+        run_dir = tmp_path / "sweep" / r["run"]["name"]
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({k: v for k, v in r.items() if k != "_path"}))
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "a"), "--svg"]) == 0
+    svg = tmp_path / "a" / "figures" / "profiles_cosine_tokens.svg"
+    assert svg.read_text().lstrip().startswith("<?xml") and (svg.with_suffix(".png")).is_file()

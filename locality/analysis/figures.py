@@ -50,9 +50,14 @@ def _pyplot():
     return plt
 
 
+EXTRA_FORMATS: list[str] = []  # e.g. ["svg"] (`locality.analyze --svg`): each figure also in these formats
+
+
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
+    for extra in EXTRA_FORMATS:
+        fig.savefig(path.with_suffix(f".{extra}"), bbox_inches="tight", metadata={"Date": None})
     _pyplot().close(fig)
     return path
 
