@@ -98,6 +98,7 @@ def test_unreachable_hub_fails_fast_with_offline_choices(monkeypatch):
     with pytest.raises(UserError, match="tiny_gpt2") as err:
         load_backbone(spec("gpt2"))
     assert "minilm" in str(err.value) and "cannot be downloaded" in str(err.value)
+    assert "`hf download openai-community/gpt2`" in str(err.value)  # a command the installed hub client has
 
 
 def test_rwkv_weights_do_not_change_in_eval():

@@ -122,7 +122,7 @@ def check_hub_access(hub_id: str, revision: str | None = None, timeout_s: float 
         f"Offline presets that need no download: {', '.join(offline_model_presets())} "
         "(e.g. `python -m locality.train model=minilm` or `model=tiny_gpt2`). A model you saved yourself loads "
         "with `model=hf model.name_or_path=/path/to/dir`. To use the hub, run where it is reachable or fill "
-        "the cache first (`huggingface-cli download " + hub_id + "`)."
+        "the cache first (`hf download " + hub_id + "`, the command huggingface-hub installs)."
     )
 
 
