@@ -127,10 +127,37 @@ def check_results(data: Any, complete: bool = False) -> Results:
         raise ResultsError(f"layers must be the {points} canonical names ({CANONICAL_LAYER_NAMES})")
     if "n_layers" in run and run["n_layers"] + 1 != points:
         raise ResultsError(f"depth has {points} points for a model of {run['n_layers']} blocks")
+    for key in ("change", "profile"):
+        if not isinstance(data[key], dict):
+            raise ResultsError(f"{key} must be an object, not {type(data[key]).__name__}")
+    not_lists = sorted(m for m, values in data["change"].items() if not isinstance(values, list))
+    if not_lists:
+        raise ResultsError(f"change.{not_lists[0]} must be a list of {points} values")
     short = sorted(m for m, values in data["change"].items() if len(values) != points)
     if short:
         raise ResultsError(f"change.{short[0]} has {len(data['change'][short[0]])} values, not {points}")
+    for metric, values in data["change"].items():
+        if not all(_is_number_or_none(v) for v in values):
+            raise ResultsError(f"change.{metric} holds a value that is not a number")
+    for metric, stats in data["profile"].items():
+        if not isinstance(stats, dict):
+            raise ResultsError(f"profile.{metric} must be an object")
+        bad = [k for k, v in stats.items() if k in NUMERIC_PROFILE_KEYS and not _is_number_or_none(v)]
+        ci = stats.get("slope_ci")
+        if ci is not None and not (
+            isinstance(ci, list) and len(ci) == 2 and all(map(_is_number_or_none, ci))
+        ):
+            bad.append("slope_ci")
+        if bad:
+            raise ResultsError(f"profile.{metric}.{bad[0]} is not a number")
     return data  # type: ignore[return-value]
+
+
+NUMERIC_PROFILE_KEYS = ("slope", "slope_per_layer", "steepness", "width", "width_count", "slope_jackknife")
+
+
+def _is_number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
 def read_results(path: Path) -> Results:

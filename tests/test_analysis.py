@@ -163,6 +163,10 @@ def test_analyze_writes_tables_and_figures_at_240_runs(tmp_path):
     (tmp_path / "sweep" / "killed-run" / "config.yaml").write_text("seed: 0")
     (tmp_path / "sweep" / "broken-run").mkdir()
     (tmp_path / "sweep" / "broken-run" / "results.json").write_text("{not json")
+    wrong = synthetic_study(n_models=1, seeds=1)[0]  # valid JSON, but a slope that is a string
+    wrong["profile"]["cosine_tokens"]["slope"] = "0.3"
+    (tmp_path / "sweep" / "string-slope").mkdir()
+    (tmp_path / "sweep" / "string-slope" / "results.json").write_text(json.dumps(wrong))
     (tmp_path / "sweep" / "failed-run").mkdir()
     (tmp_path / "sweep" / "failed-run" / "failed.json").write_text('{"reason": "non-finite loss", "step": 9}')
     out = tmp_path / "analysis"
@@ -182,6 +186,7 @@ def test_analyze_writes_tables_and_figures_at_240_runs(tmp_path):
     }
     summary = (out / "summary.md").read_text()
     assert "broken-run" in summary and "| failed-run | 9 | non-finite loss |" in summary
+    assert "string-slope/results.json: ResultsError: profile.cosine_tokens.slope is not a number" in summary
     assert "**1 incomplete runs**" in summary and "- killed-run" in summary and ".hydra" not in summary
     import pandas as pd
 
