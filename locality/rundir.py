@@ -111,7 +111,7 @@ class RunDir:
         """A directory holding another config's work is never skipped or resumed by this one."""
         if not self.config_path.is_file():
             return
-        saved = OmegaConf.load(self.config_path)
+        saved = self.read_config()
         current = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
         differ = changed_keys(saved, current)
         if differ:
@@ -121,6 +121,23 @@ class RunDir:
                 f"{' and more' if len(differ) > 8 else ''}. It is neither skipped nor resumed. Launch without "
                 "hydra.run.dir so the run gets its own directory, or add force=true to start over there."
             )
+
+    def read_config(self) -> DictConfig:
+        """The config.yaml a run wrote here (OmegaConf's loader: YAML's safe loader, no object construction);
+        UserError with the way out when it is damaged, never a traceback."""
+        try:
+            saved = OmegaConf.load(self.config_path)
+        except Exception as err:  # noqa: BLE001 -- any parse or read failure means the same to the user
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        else:
+            if isinstance(saved, DictConfig):
+                return saved
+            reason = f"it holds a {type(saved).__name__}, not a mapping of settings"
+        raise UserError(
+            f"{self.config_path} is damaged ({reason}), so it cannot tell which config ran in {self.path}. "
+            "Nothing there is resumed or skipped: add force=true to start that run over, or move the directory "
+            "aside."
+        )
 
     def save_config(self, cfg: DictConfig) -> None:
         OmegaConf.save(cfg, self.path / "config.yaml", resolve=True)

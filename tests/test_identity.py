@@ -102,6 +102,17 @@ def test_a_directory_of_another_config_is_refused_naming_the_keys(tmp_path):
     assert config_hash(composed()) != config_hash(composed("optim.lr=0.001"))
 
 
+@pytest.mark.parametrize(
+    "damage",
+    ["key: [unclosed", "- just\n- a list\n", "!!python/object/apply:os.system ['echo hostile']", "\x00\xff"],
+)
+def test_a_damaged_config_yaml_is_refused_with_the_way_out(tmp_path, damage):
+    run = RunDir(tmp_path / "run")  # creates the directory
+    run.config_path.write_text(damage)
+    with pytest.raises(UserError, match=r"config.yaml is damaged .* add force=true"):
+        run.refuse_other_config(composed())
+
+
 def test_relaunching_a_directory_with_another_config_exits_2(train, tmp_path):
     first = train("model=tiny_gpt2", "objective=clm", "logger=csv")
     run_dir = tmp_path / "runs" / first["run"]["name"]
