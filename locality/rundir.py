@@ -16,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,25 @@ class RunDir:
             self.failed_path,
             {"reason": reason, "step": step, "type": type(error).__name__, "traceback": trace},
         )
+
+    @contextmanager
+    def exclusive(self):
+        """Hold this directory for one process (a lock file, released when the process ends, however it ends):
+        two launches of one config would both train it and write over each other's checkpoints and metrics."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.path / ".lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise UserError(
+                f"Another process is running {self.path} now (it holds {lock.lock_file}). Wait for it to finish "
+                "(relaunching then skips or resumes it), or stop it first."
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def start_over(self) -> None:
         """Forget a previous attempt (force=true): its results and checkpoints must not be resumed."""

@@ -72,6 +72,12 @@ def run(cfg: DictConfig) -> dict:
         raise
     quiet_libraries()
     run_dir = RunDir(output_dir)
+    with run_dir.exclusive() if is_main_process() else contextlib.nullcontext():
+        return run_in(run_dir, cfg, checked.controls)
+
+
+def run_in(run_dir: RunDir, cfg: DictConfig, controls: list[Control]) -> dict:
+    """The run in its directory, which this process holds: skip it if complete, resume it, or start it."""
     if not cfg.force:
         run_dir.refuse_other_config(cfg)
         if run_dir.complete:
@@ -84,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
         run_dir.save_config(cfg)
     attempt = Attempt()
     try:
-        return train_and_measure(cfg, run_dir, attempt, checked.controls)
+        return train_and_measure(cfg, run_dir, attempt, controls)
     except BaseException as error:
         if is_main_process():
             with contextlib.suppress(OSError):  # the disk that failed the run may not take failed.json either

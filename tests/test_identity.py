@@ -141,3 +141,33 @@ def test_wandb_run_id_follows_the_directory_and_sweeps_share_a_group(tmp_path):
     assert init["id"] == run.path.name and init["group"] == "paper_240" and init["job_type"] == "equal_step"
     assert init["tags"] == ["family:decoder", "scale:<200M"] and logger._offline
     finish_wandb(teardown=True)  # a W&B run left open would be reused by later tests in this process
+
+
+def test_a_run_directory_is_held_by_one_process(train, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "held"
+    run_dir.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(60)",
+            str(run_dir / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match="Another process is running"):
+            train("model=tiny_gpt2", f"hydra.run.dir={run_dir}")
+        assert not (run_dir / "config.yaml").exists()  # refused before anything was written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (
+        train("model=tiny_gpt2", f"hydra.run.dir={run_dir}")["run"]["steps"] > 0
+    )  # released with its process
