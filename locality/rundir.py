@@ -89,9 +89,10 @@ class RunDir:
     def failed_path(self) -> Path:
         return self.path / "failed.json"
 
-    def write_failure(self, error: BaseException, step: int | None) -> None:
-        """failed.json: why and at which step the run stopped, with the traceback; never a results.json."""
-        reason = " ".join(f"{type(error).__name__}: {error}".split())
+    def write_failure(self, error: BaseException, step: int | None, reason: str | None = None) -> None:
+        """failed.json: why (`reason`, else the error) and at which step the run stopped, with the traceback;
+        never a results.json."""
+        reason = reason or " ".join(f"{type(error).__name__}: {error}".split())
         trace = "".join(traceback.format_exception(error))
         write_json_atomic(
             self.failed_path,

@@ -92,9 +92,19 @@ def run_in(run_dir: RunDir, cfg: DictConfig, controls: list[Control]) -> dict:
     try:
         return train_and_measure(cfg, run_dir, attempt, controls)
     except BaseException as error:
+        interrupted = was_interrupted(error, attempt)
         if is_main_process():
             with contextlib.suppress(OSError):  # the disk that failed the run may not take failed.json either
-                run_dir.write_failure(error, step=attempt.step)
+                run_dir.write_failure(error, step=attempt.step, reason="interrupted" if interrupted else None)
+        if interrupted:
+            kept = run_dir.last_checkpoint()
+            print(
+                f"\nlocality: interrupted at step {attempt.step}; "
+                + (f"the last checkpoint is {kept}" if kept else "no checkpoint was written yet")
+                + f". Relaunch the same command to {'resume from it' if kept else 'start again'}.",
+                file=sys.stderr,
+            )
+            raise SystemExit(EXIT_INTERRUPTED) from None
         storage = storage_error(error)
         if storage is not None:
             kept = run_dir.last_checkpoint()
@@ -109,6 +119,19 @@ def run_in(run_dir: RunDir, cfg: DictConfig, controls: list[Control]) -> dict:
                 + "free space or fix permissions, then relaunch the same command to resume."
             ) from error
         raise
+
+
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
+
+
+def was_interrupted(error: BaseException, attempt: Attempt) -> bool:
+    """Ctrl-C: a KeyboardInterrupt, or the SystemExit Lightning raises after handling one itself."""
+    if isinstance(error, KeyboardInterrupt):
+        return True
+    trainer = attempt.trainer
+    return (
+        isinstance(error, SystemExit) and trainer is not None and bool(getattr(trainer, "interrupted", False))
+    )
 
 
 class Attempt:

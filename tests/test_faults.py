@@ -151,3 +151,31 @@ def test_wandb_failures_fall_back_to_csv_within_seconds(train, tmp_path, monkeyp
     run_dir = tmp_path / "runs" / results["run"]["name"]
     assert (run_dir / "csv" / "metrics.csv").is_file() and (run_dir / "results.json").is_file()
     assert elapsed < 60
+
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_marks_the_run_interrupted(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "locality.train", "model=tiny_gpt2", "objective=clm", "logger=none"]
+    command += ["measure=fast", "trainer.max_steps=100000", "trainer.ckpt_every_n_steps=2"]
+    command += ["trainer.enable_progress_bar=false", "objective.max_length=32", "data.batch_size=4"]
+    env = {**os.environ, "LOCALITY_OUTPUTS": str(tmp_path)}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("runs/*/checkpoints/last.ckpt")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert f"the last checkpoint is {run_dir / 'checkpoints' / 'last.ckpt'}" in stderr
+    assert "Relaunch the same command to resume from it." in stderr and "Traceback" not in stderr
+    failed = json.loads((run_dir / "failed.json").read_text())
+    assert (
+        failed["reason"] == "interrupted" and failed["step"] >= 2 and not (run_dir / "results.json").exists()
+    )
