@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from locality.errors import UserError
 from locality.identity import changed_keys
-from locality.results import Results, check_results, read_results
+from locality.results import Results, ResultsError, check_results, read_results
 
 
 class RunDir:
@@ -120,7 +120,10 @@ class RunDir:
 
     def start_over(self) -> None:
         """Forget a previous attempt (force=true): its results and checkpoints must not be resumed."""
-        self.results_path.unlink(missing_ok=True)
+        if self.results_path.is_dir() and not self.results_path.is_symlink():
+            shutil.rmtree(self.results_path)
+        else:
+            self.results_path.unlink(missing_ok=True)
         for checkpoint in self.checkpoints.glob("*.ckpt"):
             remove_checkpoint(checkpoint)
 
@@ -165,6 +168,20 @@ class RunDir:
 
     def read_results(self) -> Results:
         return read_results(self.results_path)
+
+    def finished_results(self) -> Results | None:
+        """The results of a finished run here, or None if there is none; UserError with the way out when
+        results.json is damaged (truncated, not this schema, a directory), never a traceback."""
+        if not os.path.lexists(self.results_path):
+            return None
+        try:
+            return read_results(self.results_path)
+        except (OSError, ResultsError) as err:
+            raise UserError(
+                f"{self.results_path} is damaged ({type(err).__name__}: {err}), so this run cannot be taken as "
+                "finished. Add force=true to run it again (results.json and the checkpoints are replaced), or "
+                "move the directory aside."
+            ) from None
 
     def write_results(self, results: Results) -> None:
         """Write results.json atomically (checked against the schema first): its presence alone means the run

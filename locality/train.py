@@ -80,9 +80,10 @@ def run_in(run_dir: RunDir, cfg: DictConfig, controls: list[Control]) -> dict:
     """The run in its directory, which this process holds: skip it if complete, resume it, or start it."""
     if not cfg.force:
         run_dir.refuse_other_config(cfg)
-        if run_dir.complete:
+        finished = run_dir.finished_results()
+        if finished is not None:
             print(f"{run_dir.path} is complete (results.json exists); skipping. Use force=true to re-run.")
-            return run_dir.read_results()
+            return finished
         run_dir.check_checkpoint()  # a damaged checkpoint is reported before anything is loaded
     if is_main_process():
         if cfg.force:

@@ -171,3 +171,24 @@ def test_a_run_directory_is_held_by_one_process(train, tmp_path):
     assert (
         train("model=tiny_gpt2", f"hydra.run.dir={run_dir}")["run"]["steps"] > 0
     )  # released with its process
+
+
+@pytest.mark.parametrize("damage", ["truncated", "directory", "other schema"])
+def test_a_damaged_results_json_is_refused_with_the_way_out_and_force_reruns(train, tmp_path, damage):
+    import json
+
+    run_dir = tmp_path / "done"
+    args = ("model=tiny_gpt2", f"hydra.run.dir={run_dir}")
+    good = train(*args)
+    results = run_dir / "results.json"
+    if damage == "truncated":
+        results.write_text(results.read_text()[:100])
+    elif damage == "directory":
+        results.unlink()
+        results.mkdir()
+    else:
+        results.write_text(json.dumps({**good, "schema": "locality.results/0"}))
+    with pytest.raises(UserError, match=r"results.json is damaged .* force=true"):
+        train(*args)
+    assert train(*args, "force=true")["run"]["config_hash"] == good["run"]["config_hash"]
+    assert json.loads(results.read_text())["schema"] == "locality.results/1"
