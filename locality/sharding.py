@@ -57,8 +57,22 @@ class BlockwiseFSDP(ModelParallelStrategy):
         super().setup_environment()
 
 
+def ties_outside(base: nn.Module, model: nn.Module) -> bool:
+    """Whether a parameter of `base` is also used outside it in `model` (an LM head tied to the embedding)."""
+    if base is model:
+        return False
+    inside = {id(p) for p in base.parameters()}
+    prefix = next(name for name, m in model.named_modules() if m is base)
+    return any(
+        id(p) in inside
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if not name.startswith(prefix + ".")
+    )
+
+
 def shard_module(module, mesh, plan: ShardingPlan | None = None) -> None:
-    """`fully_shard` each block, then the base model, the full model and the objective's head (if any)."""
+    """`fully_shard` each block, then the base model (with the LM head when it is tied to the input embedding:
+    GPT-2, SmolLM2), the full model and the objective's head (if any)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     plan = plan or ShardingPlan()
@@ -71,11 +85,15 @@ def shard_module(module, mesh, plan: ShardingPlan | None = None) -> None:
             param_dtype=DTYPES[plan.param_dtype], reduce_dtype=DTYPES[plan.reduce_dtype]
         ),
     }
+    base, model = module.backbone.base, module.model
+    tied = ties_outside(base, model)  # read before sharding replaces the parameters
     for block in module.blocks:
         fully_shard(block, **options)
-    base, model = module.backbone.base, module.model
     if base is not model:
-        fully_shard(base, **options)
+        # A tied LM head shares the embedding's parameter, and FSDP2 manages a parameter in one unit: the head
+        # joins the base model's unit (one group of two modules, gathered when either runs, as measurement
+        # calls the base model on its own).
+        fully_shard([base, model.get_output_embeddings()] if tied else base, **options)
     fully_shard(model, **options)
     head = module.objective
     if isinstance(head, nn.Module) and next(head.parameters(), None) is not None:

@@ -181,3 +181,43 @@ def test_torchrun_starts_the_processes_of_a_sharded_run(tmp_path):
     results = json.loads(found.read_text())
     assert results["run"]["steps"] == 3
     assert abs(results["controls"]["equal_step"]["spread_after_max"] - 1) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "tied"), [("tiny_gpt2", True), ("tiny_pythia", False)])
+def test_causal_lm_shards_with_a_tied_and_an_untied_head(tmp_path, model, tied):
+    """GPT-2's LM head is the input embedding (one FSDP unit with it); Pythia's embed_out is its own weight."""
+    from transformers import AutoConfig
+
+    from locality.config import load_option
+
+    spec = load_option("model", model)
+    assert AutoConfig.for_model(spec.arch, **spec.config_overrides).tie_word_embeddings == tied
+    command = [sys.executable, "-m", "locality.train", f"model={model}", "objective=clm", *RUN[3:], *SHARDED]
+    proc = subprocess.run(
+        [*command, "trainer.max_steps=3"],
+        env={**os.environ, "LOCALITY_OUTPUTS": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (found,) = tmp_path.rglob("results.json")
+    results = json.loads(found.read_text())
+    assert results["run"]["steps"] == 3 and results["run"]["objective"] == "clm"
+    assert abs(results["controls"]["equal_step"]["spread_after_max"] - 1) < 1e-5
+
+
+def test_a_tied_lm_head_is_detected_for_the_sharding_plan():
+    import torch
+
+    from locality.backbones import load_backbone
+    from locality.config import ModelConf, load_option
+    from locality.sharding import ties_outside
+
+    for name, tied in (("tiny_gpt2", True), ("tiny_pythia", False)):
+        spec = ModelConf(**{**load_option("model", name), "init": "random"})
+        torch.manual_seed(0)
+        backbone = load_backbone(spec, head="causal_lm")
+        assert ties_outside(backbone.base, backbone.model) is tied
+        assert not ties_outside(backbone.base, backbone.base)
