@@ -259,7 +259,7 @@ def test_equal_step_survival_needs_an_effect_not_only_a_ci_above_zero():
     negligible["change"]["cosine"] = [10.0, 10.1, 10.3]  # slope 0.3 on a level of ~10: a 3% tilt
     negligible["profile"]["cosine"]["slope_ci"] = [0.2, 0.4]
     runs = runs_table([standard, real, negligible])
-    assert runs.cosine_relative_slope.round(3).tolist() == [2.0, 2.0, 0.03]
+    assert runs.cosine_slope_relative.round(3).tolist() == [2.0, 2.0, 0.03]
     table = tables.equal_step_survival(runs, "cosine").iloc[0]
     assert (table.n_runs, table.n_ci_above_zero, table.n_survive) == (2, 2, 1)
     assert survives(runs, "cosine") == "no"
@@ -318,3 +318,18 @@ def test_analyze_writes_svg_figures_on_request(tmp_path):
     assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "a"), "--svg"]) == 0
     svg = tmp_path / "a" / "figures" / "profiles_cosine_tokens.svg"
     assert svg.read_text().lstrip().startswith("<?xml") and (svg.with_suffix(".png")).is_file()
+
+
+def test_only_change_metrics_are_offered_as_metrics(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from locality.analyze import main
+
+    for r in synthetic_study(n_models=2, seeds=2):
+        run_dir = tmp_path / "sweep" / r["run"]["name"]
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({k: v for k, v in r.items() if k != "_path"}))
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "a")]) == 0
+    assert pd.read_csv(tmp_path / "a" / "tables" / "headline.csv").metric.tolist() == ["cosine_tokens"]

@@ -165,7 +165,7 @@ def runs_table(results: list[Results]) -> pd.DataFrame:
         for metric, stats in r.get("profile", {}).items():
             row[f"{metric}_slope"] = stats.get("slope")
             row[f"{metric}_level"] = _mean_change(r.get("change", {}).get(metric))
-            row[f"{metric}_relative_slope"] = _ratio(stats.get("slope"), row[f"{metric}_level"])
+            row[f"{metric}_slope_relative"] = _ratio(stats.get("slope"), row[f"{metric}_level"])
             ci = stats.get("slope_ci") or [None, None]
             row[f"{metric}_slope_lo"], row[f"{metric}_slope_hi"] = ci
             for stat in PROFILE_STATS:

@@ -225,7 +225,7 @@ def dose_response_figure(runs: pd.DataFrame, table: pd.DataFrame, metric: str, o
                     f"one-sided p = {row.p_one_sided:.2g}",
                 )
         ax.set_title(f"{model}, {objective}", fontsize=9)
-        ax.set_xlabel("objective distance at step 0: exact KL(target ‖ pretrained), nats", fontsize=8)
+        ax.set_xlabel("objective distance at step 0: excess divergence init.kl_excess, nats", fontsize=8)
         ax.set_ylabel(f"slope of {label(metric)} vs depth", fontsize=8)
         ax.axhline(0, color="0.6", lw=0.8)
         ax.legend(fontsize=7)

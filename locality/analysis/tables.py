@@ -93,7 +93,7 @@ def is_effect(frame: pd.DataFrame, metric: str) -> pd.Series:
     """Per run: slope CI above zero (the slope itself where there is no CI) and relative slope >= the floor."""
     slope, lo, _ = _slope_cols(metric)
     bound = frame[lo].fillna(frame[slope]) if lo in frame else frame[slope]
-    relative = frame.get(f"{metric}_relative_slope", pd.Series(math.inf, index=frame.index))
+    relative = frame.get(f"{metric}_slope_relative", pd.Series(math.inf, index=frame.index))
     return (bound > 0) & (relative.fillna(-math.inf) >= MIN_RELATIVE_SLOPE)
 
 
@@ -279,12 +279,13 @@ def step0_prediction(runs: pd.DataFrame, metric: str, ci: float = 0.95) -> pd.Da
         for predictor, label in STEP0_PREDICTORS.items():
             if predictor not in group or group[predictor].isna().all() or slope not in group:
                 continue
+            points = one_point_per_measurement(group, predictor, slope)
             rows.append(
                 {
                     "metric": metric,
                     "control": control,
                     "predictor": label,
-                    **spearman_with_ci(group[predictor], group[slope], ci=ci),
+                    **spearman_with_ci(points.x, points.y, ci=ci),
                 }
             )
     return pd.DataFrame(rows, columns=["metric", "control", "predictor", *RHO_COLUMNS])
