@@ -74,8 +74,19 @@ def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 _ABSENT = object()
 
+
+def devices(value: Any) -> bool:
+    return (
+        value == "auto"
+        or (_integer(value) and (value >= 1 or value == -1))
+        or (isinstance(value, list) and len(value) > 0 and all(_integer(v) and v >= 0 for v in value))
+    )
+
+
 RULES = [
-    Rule("seed", at_least(0), "an integer >= 0", "0"),
+    Rule(
+        "seed", lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2^32) (numpy's seed range)", "0"
+    ),
     Rule("optim.lr", above(0), "a learning rate > 0", "1e-4"),
     Rule("optim.weight_decay", at_least(0, integer=False), "a number >= 0", "0.01"),
     Rule(
@@ -91,7 +102,35 @@ RULES = [
         "two numbers in [0, 1)",
         "[0.9,0.999]",
     ),
+    Rule("optim.momentum", within(0, 1), "a number in [0, 1)", "0.9"),
     Rule("trainer.max_steps", at_least(1), "a number of optimizer steps >= 1", "100"),
+    Rule(
+        "trainer.max_epochs",
+        lambda v: v is None or v == -1 or (_integer(v) and v >= 1),
+        "-1 (no epoch limit: trainer.max_steps decides) or an integer >= 1",
+        "-1",
+    ),
+    Rule("trainer.devices", devices, "a number of devices >= 1, -1 (all), 'auto' or a list of indices", "1"),
+    Rule(
+        "trainer.val_check_interval",
+        optional(above(0)),
+        "a number of batches >= 1 or a fraction of an epoch in (0, 1], or null",
+        "null",
+    ),
+    Rule("trainer.limit_train_batches", optional(above(0)), "a number or fraction of batches > 0", "1.0"),
+    Rule("trainer.limit_val_batches", optional(above(0)), "a number or fraction of batches > 0", "1.0"),
+    Rule(
+        "trainer.fast_dev_run",
+        lambda v: v in (False, None, 0),
+        "false: it runs a handful of steps with no checkpoint, logger or measurement, so nothing it "
+        "reports is a run; use trainer=smoke for a quick real run",
+        "false",
+    ),
+    Rule("model.pretrain.steps", at_least(1), "a number of pretraining steps >= 1", "400"),
+    Rule("objective.head_hidden", optional(at_least(1)), "a width >= 1, or null for the hidden size", "null"),
+    Rule("objective.alpha", at_least(0, integer=False), "a finite perturbation scale >= 0", "1.0"),
+    Rule("objective.noise", within(0, 1, closed_high=True), "a fraction of noisy labels in [0, 1]", "0.25"),
+    Rule("objective.classes", at_least(2), "a number of classes >= 2", "8"),
     Rule("trainer.accumulate_grad_batches", at_least(1), "an integer >= 1", "1"),
     Rule("trainer.ckpt_every_n_steps", at_least(1), "an integer >= 1", "100"),
     Rule("trainer.log_every_n_steps", at_least(1), "an integer >= 1", "10"),
