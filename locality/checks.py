@@ -281,6 +281,7 @@ def preflight(cfg: DictConfig) -> Preflight:
     from locality.controls.build import build_controls
     from locality.objectives import objective_class
 
+    check_output_names(cfg)
     check_writable(Path(cfg.outputs_root), "outputs_root")
     check_accelerator(cfg.trainer.accelerator)
     controls = build_controls(cfg.control)
@@ -379,6 +380,33 @@ def check_accelerator(accelerator: str) -> None:
         )
 
 
+MAX_NAME = 200  # characters of a directory name (file systems allow 255 bytes)
+
+
+def check_output_names(cfg: DictConfig) -> None:
+    """Everything a run writes stays under outputs_root: it is set, and sweep_name is one plain name."""
+    root = cfg.get("outputs_root")
+    if not isinstance(root, str) or not root.strip():
+        raise UserError(
+            f"outputs_root={root!r} is empty (is $LOCALITY_OUTPUTS set to an empty string?): runs would be "
+            "written under the file system's root. Set it to a directory, e.g. outputs_root=outputs."
+        )
+    name = cfg.get("sweep_name")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or len(name) > MAX_NAME
+    ):
+        raise UserError(
+            f"sweep_name={name!r} must be one plain directory name (no '/', not '.' or '..', at most "
+            f"{MAX_NAME} characters): sweeps live in outputs_root/sweeps/<sweep_name>, and nothing is written "
+            "outside outputs_root. E.g. sweep_name=my_study."
+        )
+
+
 def check_writable(path: Path, key: str) -> None:
     """The output root (or its nearest existing parent) must be a directory this process can create files in."""
     existing = path.expanduser().absolute()
@@ -406,7 +434,11 @@ class PreflightCallback(Callback):
         _exit_on_user_error(lambda: preflight(validate(_without_hydra(config))))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _exit_on_user_error(lambda: check_writable(Path(config.outputs_root), "outputs_root"))
+        def check() -> None:
+            check_output_names(config)
+            check_writable(Path(config.outputs_root), "outputs_root")
+
+        _exit_on_user_error(check)
 
 
 def _without_hydra(config: DictConfig) -> DictConfig:

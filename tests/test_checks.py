@@ -158,3 +158,15 @@ def test_a_sweep_job_that_is_refused_records_why(train, tmp_path):
     failed = json.loads((run_dir / "failed.json").read_text())
     assert "optim.lr=0" in failed["reason"] and failed["step"] is None
     assert not (run_dir / "results.json").exists()
+
+
+def test_a_sweep_cannot_write_outside_the_outputs_root(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LOCALITY_OUTPUTS": str(tmp_path / "out")}
+    command = [sys.executable, "-m", "locality.train", "-m", "sweep_name=../../escaped", "model=tiny_gpt2"]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "must be one plain directory name" in proc.stderr
+    assert not list(tmp_path.rglob("escaped")) and not (tmp_path / "out").exists()
