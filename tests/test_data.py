@@ -32,6 +32,18 @@ def test_splits_are_disjoint_and_deterministic():
     assert [e["text"] for e in c.probe] == [e["text"] for e in a.probe]
 
 
+def test_built_in_data_honours_min_chars_and_max_train_examples():
+    # options that changed the run's hash and nothing else on built-in data now do what they say
+    full = load_builtin("stdlib_docs", n_probe=64, n_validation=32)
+    cut = load_builtin("stdlib_docs", n_probe=64, n_validation=32, max_train_examples=50)
+    assert len(cut.train) == 50 and [e["text"] for e in cut.train] == [e["text"] for e in full.train[:50]]
+    long = load_builtin("stdlib_docs", n_probe=64, n_validation=32, min_chars=400)
+    assert all(len(e["text"]) >= 400 for s in (long.train, long.validation, long.probe) for e in s)
+    assert len(long.train) < len(full.train)
+    cfg = OmegaConf.merge(load_option("data", "stdlib_docs"), {"max_train_examples": 20})
+    assert len(load_splits(cfg, n_probe=64).train) == 20
+
+
 def test_too_small_dataset_is_refused():
     with pytest.raises(UserError, match="too few"):
         load_builtin("pydoc_topics", n_probe=5000, n_validation=10)

@@ -171,7 +171,11 @@ def split_heldout(
     )
 
 
-def load_builtin(name: str, n_probe: int, n_validation: int) -> Splits:
+def load_builtin(
+    name: str, n_probe: int, n_validation: int, min_chars: int = 1, max_train_examples: int | None = None
+) -> Splits:
+    """A built-in dataset, by the same rule as hub data: texts shorter than `min_chars` dropped before the
+    split, the training set cut to `max_train_examples`."""
     if name == "stdlib_docs":
         # not the docstrings the tiny presets are pretrained on (locality.data.corpus)
         examples = [{"text": doc, "label": TOPIC_PACKAGES.index(pkg)} for pkg, doc in finetuning_docstrings()]
@@ -181,7 +185,10 @@ def load_builtin(name: str, n_probe: int, n_validation: int) -> Splits:
         label_names = []
     else:
         raise UserError(f"Unknown built-in dataset '{name}'. Built-in datasets: {', '.join(BUILTINS)}.")
+    examples = [e for e in examples if len(e["text"].strip()) >= min_chars]
     train, validation, probe = split_heldout(examples, n_probe, n_validation, name)
+    if max_train_examples:
+        train = train[:max_train_examples]
     return Splits(
         train,
         validation,
@@ -348,7 +355,7 @@ def load_splits(cfg, n_probe: int) -> Splits:
                     f"(split '{BUILTIN_SPLIT}') split internally; data.{key} applies to hub datasets. "
                     f"Remove it or set it to null."
                 )
-        return load_builtin(cfg.builtin, n_probe, cfg.n_validation)
+        return load_builtin(cfg.builtin, n_probe, cfg.n_validation, cfg.min_chars, cfg.max_train_examples)
     if cfg.source == "hub":
         return load_hub(cfg, n_probe, cfg.n_validation)
     raise UserError(f"data.source must be 'builtin' or 'hub', not '{cfg.source}'.")
