@@ -224,11 +224,14 @@ def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
 
     from lightning.fabric.connector import _PRECISION_INPUT_STR
 
+    from locality.backbones.families import BlockType, Family
     from locality.pooling import POOLINGS
 
     return {
         "model.dtype": (cfg.model.dtype, DTYPES),
         "model.init": (cfg.model.init, INITS),
+        "model.family": (cfg.model.family, (None, *typing.get_args(Family))),
+        "model.block_type": (cfg.model.block_type, (None, *typing.get_args(BlockType))),
         "trainer.precision": (str(cfg.trainer.precision), typing.get_args(_PRECISION_INPUT_STR)),
         "trainer.accelerator": (cfg.trainer.accelerator, ACCELERATORS),
         "trainer.matmul_precision": (cfg.trainer.matmul_precision, MATMUL_PRECISIONS),
@@ -257,7 +260,9 @@ def _check_choices(cfg: DictConfig) -> None:
         )
     for key, (value, valid) in choices.items():
         if value not in valid:
-            listed = ", ".join(str(v).lower() if isinstance(v, bool) else v for v in valid)
+            listed = ", ".join(
+                "null" if v is None else str(v).lower() if isinstance(v, bool) else v for v in valid
+            )
             raise UserError(f"{key}={value!r} is not a valid choice; choose one of: {listed}.")
     unknown = [m for m in cfg.measure.metrics if m not in MEASURE_METRICS]
     if unknown:
@@ -284,10 +289,12 @@ def preflight(cfg: DictConfig) -> Preflight:
     check_output_names(cfg)
     check_writable(Path(cfg.outputs_root), "outputs_root")
     check_accelerator(cfg.trainer.accelerator)
+    check_on_cpu(cfg)
     controls = build_controls(cfg.control)
     spec = ModelConf(**cfg.model)
     config = peek_config(spec)
     family = spec.family or family_of(config)
+    check_declared_family(spec, config)
     objective_class(cfg.objective, family=family).check_family(family, config)
     check_control_combination(controls, cfg.model.dtype)
     check_sharding(cfg, controls)
@@ -299,6 +306,20 @@ def preflight(cfg: DictConfig) -> Preflight:
             except ValueError as err:
                 raise UserError(f"control.{control.name}: {err}") from None
     return Preflight(controls, n_blocks, family)
+
+
+def check_declared_family(spec: ModelConf, config) -> None:
+    """model.family may name the family of an architecture locality does not know; it may not contradict one
+    it does (a BERT declared a decoder would be trained as a causal LM while attending both ways)."""
+    from locality.backbones.families import ENCODER_TYPES, RNN_TYPES, SSM_TYPES, family_of
+
+    known = config.model_type in ENCODER_TYPES | SSM_TYPES | RNN_TYPES
+    if spec.family is not None and known and spec.family != family_of(config):
+        raise UserError(
+            f"model.family={spec.family} contradicts the checkpoint: a {config.model_type} model is a "
+            f"{family_of(config)}. Remove model.family (it is read from the config), or choose a "
+            f"{spec.family} model."
+        )
 
 
 def check_control_combination(controls: list, dtype: str) -> None:
@@ -377,6 +398,39 @@ def check_accelerator(accelerator: str) -> None:
         raise UserError(
             f"trainer.accelerator={accelerator} but this machine has no CUDA GPU "
             "(torch.cuda.is_available() is False). Use trainer.accelerator=auto or cpu."
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise UserError(
+            "trainer.accelerator=mps but this machine has no Apple GPU (torch.backends.mps.is_available() is "
+            "False). Use trainer.accelerator=auto or cpu."
+        )
+
+
+def check_on_cpu(cfg: DictConfig) -> None:
+    """Settings that a CPU run would silently replace or cannot run, refused where the run would be on the CPU:
+    Lightning runs trainer.precision=16-mixed as bf16-mixed there (results.json would record what did not
+    run), float16 parameters and FlashAttention-2 need a GPU."""
+    import torch
+
+    accelerator = cfg.trainer.accelerator
+    if not (accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())):
+        return
+    precision = str(cfg.trainer.precision)
+    if precision in ("16-mixed", "16", "16-true"):
+        raise UserError(
+            f"trainer.precision={precision} on the CPU: float16 needs a CUDA GPU (on the CPU Lightning would run "
+            "bf16-mixed instead, and the run would record what did not run). Use trainer.precision=bf16-mixed "
+            "or 32-true here."
+        )
+    if cfg.model.dtype == "float16":
+        raise UserError(
+            "model.dtype=float16 on the CPU: float16 weights need a CUDA GPU (many CPU kernels lack them). "
+            "Use model.dtype=float32 (or bfloat16) here."
+        )
+    if cfg.model.attn_implementation == "flash_attention_2":
+        raise UserError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package. Use sdpa "
+            "(the default) or eager on the CPU."
         )
 
 
