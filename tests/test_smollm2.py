@@ -63,3 +63,18 @@ def test_objectives_and_controls(train, overrides):
     result = train("model=smollm2", *overrides, *SMALL)
     assert len(result["layers"]) == 31 and result["run"]["family"] == "decoder"
     assert math.isfinite(result["final"]["loss"]) and result["run"]["steps"] == 2
+
+
+def test_the_ntk_command_takes_the_kernel_of_the_30_blocks(tmp_path):
+    from locality.ntk import main
+
+    overrides = ["model=smollm2", "objective=clm", f"outputs_root={tmp_path}", "logger=none"]
+    assert main([*overrides, "objective.max_length=8", "ntk.n_examples=2", "ntk.select=2"]) == 0
+    (path,) = tmp_path.rglob("ntk.json")
+    result = json.loads(path.read_text())
+    assert result["layers"] == [f"block_{i:02d}" for i in range(30)] and len(result["eigenvalues"]) == 2
+    assert math.isclose(
+        sum(result["block_trace"]) + sum(c["trace"] for c in result["parts"].values()),
+        result["trace"],
+        rel_tol=1e-9,
+    )

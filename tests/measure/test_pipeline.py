@@ -35,6 +35,7 @@ def test_results_follow_the_schema(train):
         "versions",
         "data",
         "resumed_from_steps",
+        "did_not_train",
     }
     n = r["run"]["n_layers"]
     assert r["depth"] == [i / n for i in range(n + 1)]
