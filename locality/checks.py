@@ -6,7 +6,8 @@ Three layers, cheapest first:
 - `preflight(cfg)`: what needs a file but no weights: control arguments (each control's constructor and
   `check_model(n_blocks)` against the model's config.json), the model source (a local directory that is
   really a saved model, a valid hub id), the objective/family pairing, a writable output root, and a GPU
-  when the trainer asks for one.
+  when the trainer asks for one; for built-in data (read in milliseconds) the split sizes and the labels the
+  objective needs.
 - Data-dependent checks (split sizes, labels) run in `locality.data.sources.load_splits`, on the data,
   before the model is loaded.
 
@@ -295,7 +296,13 @@ def preflight(cfg: DictConfig) -> Preflight:
     config = peek_config(spec)
     family = spec.family or family_of(config)
     check_declared_family(spec, config)
-    objective_class(cfg.objective, family=family).check_family(family, config)
+    objective = objective_class(cfg.objective, family=family)
+    objective.check_family(family, config)
+    if cfg.data.source == "builtin":  # built-in data is read in milliseconds: its sizes and labels now
+        from locality.data.sources import load_splits
+        from locality.objectives.base import Task
+
+        objective.check_task(Task(tuple(load_splits(cfg.data, n_probe=cfg.measure.n_probe).label_names)))
     check_control_combination(controls, cfg.model.dtype)
     check_sharding(cfg, controls)
     n_blocks = peek_n_blocks(config)

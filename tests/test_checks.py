@@ -170,3 +170,22 @@ def test_a_sweep_cannot_write_outside_the_outputs_root(tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "must be one plain directory name" in proc.stderr
     assert not list(tmp_path.rglob("escaped")) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("typed", "says"),
+    [
+        ("measure.n_probe=100000", "too few for the probe set"),
+        ("data=pydoc_topics objective=cls", "objective=cls needs a labelled dataset"),
+    ],
+)
+def test_built_in_data_is_checked_before_the_run_directory_exists(tmp_path, typed, says):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LOCALITY_OUTPUTS": str(tmp_path / "out")}
+    command = [sys.executable, "-m", "locality.train", "model=tiny_gpt2", *typed.split()]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and says in " ".join(proc.stderr.split()), proc.stderr[-1500:]
+    assert not (tmp_path / "out").exists()

@@ -6,7 +6,7 @@ An objective is an `nn.Module` (its new head's parameters, if any, are trained w
   reuse the checkpoint's pretrained head, the others add a new head on the base model.
 - its constructor: `(backbone, task, **options)`; the options are its config keys (`conf/objective/<name>.yaml`
   names the class in `_target_`; `locality.components` checks the keys against this signature).
-- `check(backbone, task)`: refuse combinations that make no sense, before any training.
+- `check_task(task)` / `check(backbone, task)`: refuse combinations that make no sense, before any training.
 - `collate(examples)`: tokenize a list of {"text", "label"?} examples into a batch.
 - `forward(model, batch)`: loss plus (predictions, targets) for the metrics.
 - `metrics()`: a fresh torchmetrics collection (the module keeps one per stage).
@@ -58,8 +58,14 @@ class Objective(nn.Module):
         """Raise UserError if this objective makes no sense for this kind of model (before weights load)."""
 
     @classmethod
+    def check_task(cls, task: Task) -> None:
+        """Raise UserError if this objective cannot be trained on this data (its labels alone: checked before
+        the run directory exists when the data is built in)."""
+
+    @classmethod
     def check(cls, backbone: Backbone, task: Task) -> None:
         """Raise UserError if this objective cannot be trained on this backbone and data."""
+        cls.check_task(task)
 
     @property
     def num_classes(self) -> int:

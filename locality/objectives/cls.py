@@ -61,7 +61,7 @@ class SequenceClassification(Objective):
         self.head = build_head(head, backbone.hidden_size, self.n_labels, head_dropout, head_hidden)
 
     @classmethod
-    def check(cls, backbone: Backbone, task: Task) -> None:
+    def check_task(cls, task: Task) -> None:
         if task.num_labels < 2:
             raise UserError(
                 "objective=cls needs a labelled dataset (data.label_field), e.g. data=stdlib_docs or "

@@ -31,6 +31,7 @@ class MaskedLM(LanguageModeling):
 
     @classmethod
     def check(cls, backbone: Backbone, task: Task) -> None:
+        super().check(backbone, task)
         if backbone.tokenizer.mask_token is None:
             raise UserError(
                 f"objective=mlm needs a mask token, but the tokenizer of '{backbone.name}' has none."

@@ -68,7 +68,7 @@ class TeacherClassification(SequenceClassification):
         self.register_buffer("feature_std", reference.std(0).clamp(min=1e-6), persistent=False)
 
     @classmethod
-    def check(cls, backbone: Backbone, task: Task) -> None:
+    def check_task(cls, task: Task) -> None:
         """Any text data: the labels come from the teacher."""
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
