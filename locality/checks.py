@@ -20,6 +20,7 @@ tests/test_checks.py runs each row of that table.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -292,8 +293,14 @@ def preflight(cfg: DictConfig) -> Preflight:
     check_accelerator(cfg.trainer.accelerator)
     check_on_cpu(cfg)
     controls = build_controls(cfg.control)
+    check_cache()
     spec = ModelConf(**cfg.model)
     config = peek_config(spec)
+    check_model_shape(cfg, config)
+    if spec.arch is not None and spec.init == "pretrained":
+        from locality.backbones.pretrained import settings
+
+        settings(spec)  # model.pretrain and $LOCALITY_PRETRAIN_STEPS, before a pretraining could start
     family = spec.family or family_of(config)
     check_declared_family(spec, config)
     objective = objective_class(cfg.objective, family=family)
@@ -470,21 +477,66 @@ def check_output_names(cfg: DictConfig) -> None:
 
 def check_writable(path: Path, key: str) -> None:
     """The output root (or its nearest existing parent) must be a directory this process can create files in."""
-    existing = path.expanduser().absolute()
-    while not existing.exists():
-        existing = existing.parent
-    problem = None
-    if not existing.is_dir():
-        problem = f"{existing} is a file, not a directory"
-    else:
-        try:
-            tempfile.TemporaryFile(dir=existing).close()
-        except OSError as err:
-            problem = f"files cannot be created in {existing} ({err.strerror or err})"
+    problem = writable_problem(path)
     if problem:
         raise UserError(
             f"{key}={str(path)!r} cannot hold run outputs: {problem}. Choose a writable directory, "
             f"e.g. {key}=$HOME/locality-outputs (or set $LOCALITY_OUTPUTS)."
+        )
+
+
+def writable_problem(path: Path) -> str | None:
+    """Why files cannot be created in `path` (or its nearest existing parent), or None."""
+    try:
+        existing = path.expanduser().absolute()
+        while not existing.exists():
+            existing = existing.parent
+    except OSError as err:  # e.g. a symlink loop
+        return f"it cannot be resolved ({err.strerror or err})"
+    if not existing.is_dir():
+        return f"{existing} is {'a file, ' if existing.is_file() else ''}not a directory"
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as err:
+        return f"files cannot be created in {existing} ({err.strerror or err})"
+    return None
+
+
+def check_cache() -> None:
+    """$LOCALITY_CACHE (pretrained checkpoints, converted GGUF models, pre-fine-tuning captures) is writable."""
+    from locality.paths import CACHE_ENV, default_cache
+
+    path = Path(os.environ.get(CACHE_ENV) or default_cache())
+    problem = writable_problem(path)
+    if problem:
+        raise UserError(
+            f"${CACHE_ENV}={str(path)!r} cannot hold locality's cache: {problem}. Point it at a writable "
+            f"directory (e.g. export {CACHE_ENV}=$HOME/.cache/locality)."
+        )
+
+
+def check_model_shape(cfg: DictConfig, config) -> None:
+    """What a config-built or saved model's config says that cannot train: no blocks, a width that does not
+    split into its heads, sequences longer than its positions."""
+    n_blocks = getattr(config, "num_hidden_layers", None)
+    if isinstance(n_blocks, int) and n_blocks < 1:
+        raise UserError(
+            f"model '{cfg.model.name}' has {n_blocks} blocks (model.config_overrides): it needs at least 1."
+        )
+    width, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if isinstance(width, int) and isinstance(heads, int) and heads > 0 and width % heads:
+        raise UserError(
+            f"model '{cfg.model.name}': width {width} does not split into {heads} attention heads "
+            "(model.config_overrides): choose a width divisible by the number of heads."
+        )
+    positions = getattr(config, "max_position_embeddings", None)
+    if config.model_type in ("roberta", "xlm-roberta", "camembert") and isinstance(positions, int):
+        positions -= 2  # position ids start after the padding index
+    max_length = cfg.objective.get("max_length")
+    if isinstance(positions, int) and isinstance(max_length, int) and max_length > positions:
+        raise UserError(
+            f"objective.max_length={max_length} is longer than the {positions} positions model "
+            f"'{cfg.model.name}' has: use objective.max_length={positions} or less."
         )
 
 

@@ -16,9 +16,17 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"locality's conf/ directory was not found next to {PACKAGE_DIR}")
 
 
+CACHE_ENV = "LOCALITY_CACHE"
+
+
+def default_cache() -> Path:
+    return Path.home() / ".cache" / "locality"
+
+
 def cache_dir() -> Path:
-    """Cache for trained tokenizers and pre-fine-tuning captures ($LOCALITY_CACHE or ~/.cache/locality)."""
-    root = Path(os.environ.get("LOCALITY_CACHE", Path.home() / ".cache" / "locality"))
+    """Cache for trained tokenizers, pretrained and converted checkpoints, and pre-fine-tuning captures
+    ($LOCALITY_CACHE or ~/.cache/locality)."""
+    root = Path(os.environ.get(CACHE_ENV) or default_cache())
     root.mkdir(parents=True, exist_ok=True)
     return root
 

@@ -189,3 +189,26 @@ def test_built_in_data_is_checked_before_the_run_directory_exists(tmp_path, type
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and says in " ".join(proc.stderr.split()), proc.stderr[-1500:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "says"),
+    [
+        ("LOCALITY_PRETRAIN_STEPS", "abc", "$LOCALITY_PRETRAIN_STEPS='abc' must be a whole number"),
+        ("LOCALITY_PRETRAIN_STEPS", "0", "model.pretrain needs steps >= 1"),
+        ("LOCALITY_CACHE", "/dev/null", "$LOCALITY_CACHE='/dev/null' cannot hold locality's cache"),
+        ("LOCALITY_CACHE", "$READ_ONLY/cache", "cannot hold locality's cache: files cannot be created"),
+    ],
+)
+def test_environment_settings_are_checked_before_any_work(tmp_path, monkeypatch, env, value, says):
+    import os
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    if os.geteuid() == 0 and "READ_ONLY" in value:
+        pytest.skip("root writes into read-only directories")
+    value = value.replace("$READ_ONLY", str(read_only))
+    monkeypatch.setenv(env, value)
+    monkeypatch.setattr("locality.backbones.load_backbone", _must_not_load)
+    assert says in answer(["model=tiny_gpt2"], tmp_path)
