@@ -488,11 +488,14 @@ def check_writable(path: Path, key: str) -> None:
 def writable_problem(path: Path) -> str | None:
     """Why files cannot be created in `path` (or its nearest existing parent), or None."""
     try:
+        path.expanduser().resolve(strict=False)  # raises on a symlink loop (exists() only says False)
         existing = path.expanduser().absolute()
         while not existing.exists():
+            if existing.is_symlink():  # a link to nowhere: nothing can be created through it
+                return f"{existing} is a symbolic link to {existing.readlink()}, which does not exist"
             existing = existing.parent
-    except OSError as err:  # e.g. a symlink loop
-        return f"it cannot be resolved ({err.strerror or err})"
+    except (OSError, RuntimeError) as err:  # a symlink loop
+        return f"it cannot be resolved ({getattr(err, 'strerror', None) or err})"
     if not existing.is_dir():
         return f"{existing} is {'a file, ' if existing.is_file() else ''}not a directory"
     try:

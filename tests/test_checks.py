@@ -212,3 +212,9 @@ def test_environment_settings_are_checked_before_any_work(tmp_path, monkeypatch,
     monkeypatch.setenv(env, value)
     monkeypatch.setattr("locality.backbones.load_backbone", _must_not_load)
     assert says in answer(["model=tiny_gpt2"], tmp_path)
+
+
+def test_an_outputs_root_through_a_symlink_loop_is_refused(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    says = answer(["model=tiny_gpt2", f"outputs_root={tmp_path / 'loop'}"], tmp_path)
+    assert "cannot hold run outputs: it cannot be resolved (Symlink loop" in says
