@@ -459,6 +459,15 @@ def check_output_names(cfg: DictConfig) -> None:
             f"outputs_root={root!r} is empty (is $LOCALITY_OUTPUTS set to an empty string?): runs would be "
             "written under the file system's root. Set it to a directory, e.g. outputs_root=outputs."
         )
+    from locality.identity import run_name
+
+    run = run_name(cfg)
+    if len(run.encode()) > MAX_NAME:
+        raise UserError(
+            f"The run's directory name would be {len(run.encode())} bytes long ({run[:60]}...), more than "
+            f"{MAX_NAME}: file systems refuse names over 255. Shorten model.name, objective.name or the "
+            "control's name."
+        )
     name = cfg.get("sweep_name")
     if (
         not isinstance(name, str)
