@@ -75,6 +75,7 @@ def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 _ABSENT = object()
+MIN_LR = 1e-8
 
 
 def devices(value: Any) -> bool:
@@ -89,7 +90,12 @@ RULES = [
     Rule(
         "seed", lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2^32) (numpy's seed range)", "0"
     ),
-    Rule("optim.lr", above(0), "a learning rate > 0", "1e-4"),
+    Rule(
+        "optim.lr",
+        at_least(MIN_LR, integer=False),
+        f"a learning rate >= {MIN_LR:g} (below it no weight moves by 1e-6 of its norm: the run would not train)",
+        "1e-4",
+    ),
     Rule("optim.weight_decay", at_least(0, integer=False), "a number >= 0", "0.01"),
     Rule(
         "scheduler.warmup",
@@ -207,6 +213,12 @@ def check_values(cfg: DictConfig) -> None:
             )
     _check_bootstrap(cfg.measure)
     _check_choices(cfg)
+    warmup = OmegaConf.select(cfg, "scheduler.warmup", default=None)
+    if _number(warmup) and warmup >= 1 and warmup >= cfg.trainer.max_steps:
+        raise UserError(
+            f"scheduler.warmup={warmup:g} steps >= trainer.max_steps={cfg.trainer.max_steps}: the run would end "
+            "before the learning rate reached its value. Use a fraction (e.g. scheduler.warmup=0.1) or fewer steps."
+        )
 
 
 def _check_bootstrap(measure: DictConfig) -> None:
@@ -313,12 +325,13 @@ def preflight(cfg: DictConfig) -> Preflight:
     check_control_combination(controls, cfg.model.dtype)
     check_sharding(cfg, controls)
     n_blocks = peek_n_blocks(config)
-    if n_blocks is not None:
-        for control in controls:
-            try:
+    for control in controls:
+        try:
+            control.check_steps(cfg.trainer.max_steps)
+            if n_blocks is not None:
                 control.check_model(n_blocks)
-            except ValueError as err:
-                raise UserError(f"control.{control.name}: {err}") from None
+        except ValueError as err:
+            raise UserError(f"control.{control.name}: {err}") from None
     return Preflight(controls, n_blocks, family)
 
 

@@ -67,6 +67,9 @@ class Control(Callback):
     def check_model(self, n_blocks: int) -> None:
         """Raise ValueError if an argument does not fit a model with `n_blocks` blocks (before it is loaded)."""
 
+    def check_steps(self, max_steps: int) -> None:
+        """Raise ValueError if an argument leaves nothing of a run of `max_steps` optimizer steps to train."""
+
     def configure_model(self, module: ControlledModule) -> None:
         """Change the model before the optimizer is built (e.g. freeze parameters, add adapters)."""
 

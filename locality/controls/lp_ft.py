@@ -84,6 +84,13 @@ class LPFT(Control):
         self._logits: torch.Tensor | None = None  # this step's head logits (label smoothing while probing)
         self._labels: torch.Tensor | None = None
 
+    def check_steps(self, max_steps: int) -> None:
+        if self.probe_steps >= max_steps and self.target_acc is None and self.target_loss is None:
+            raise ValueError(
+                f"probe_steps={self.probe_steps} >= trainer.max_steps={max_steps}: the run would end while still "
+                "probing, so no fine-tuning would happen. Lower probe_steps or raise trainer.max_steps."
+            )
+
     @property
     def probing(self) -> bool:
         return self.switched_at is None

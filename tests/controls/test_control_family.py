@@ -12,6 +12,7 @@ from locality.backbones import load_backbone
 from locality.config import ModelConf, load_option
 from locality.controls.llrd import LayerwiseLRDecay
 from locality.data.sources import load_builtin
+from locality.errors import UserError
 from locality.module import LocalityModule
 from locality.objectives import Task, build_objective
 
@@ -66,8 +67,15 @@ def test_lora_on_last_block_changes_only_that_block(train):
 
 
 def test_lp_ft_probes_the_head_then_fine_tunes(train):
-    probed_only = train(
-        "model=tiny_gpt2", "objective=cls", "control=lp_ft", "control.lp_ft.probe_steps=10", *MOVE
+    with pytest.raises(UserError, match="would end while still probing"):  # a run that never fine-tunes
+        train("model=tiny_gpt2", "objective=cls", "control=lp_ft", "control.lp_ft.probe_steps=10", *MOVE)
+    probed_only = train(  # an accuracy target the run does not reach: it probes to the end
+        "model=tiny_gpt2",
+        "objective=cls",
+        "control=lp_ft",
+        "control.lp_ft.probe_steps=10",
+        "control.lp_ft.target_acc=1.0",
+        *MOVE,
     )
     assert (
         all(r == 0.0 for r in block_changes(probed_only))
