@@ -236,6 +236,8 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
     results["run"]["wall_s"] = run_state.wall_s  # over every segment of a resumed run
     results["run"]["resumed_from_steps"] = run_state.resumed_from_steps
     results["run"]["did_not_train"] = did_not_train(results)  # None, or why this is not a fine-tuning result
+    # fewer steps than asked (trainer.max_time, a data set shorter than max_epochs allows): said, not hidden
+    results["run"]["stopped_early"] = trainer.global_step < cfg.trainer.max_steps
     if not is_main_process():
         return results
     if "cross_layer" in results:

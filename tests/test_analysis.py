@@ -338,3 +338,12 @@ def test_only_change_metrics_are_offered_as_metrics(tmp_path):
         (run_dir / "results.json").write_text(json.dumps({k: v for k, v in r.items() if k != "_path"}))
     assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "a")]) == 0
     assert pd.read_csv(tmp_path / "a" / "tables" / "headline.csv").metric.tolist() == ["cosine_tokens"]
+
+
+def test_a_run_stopped_by_max_time_says_so(train):
+    result = train(
+        "model=tiny_gpt2", "objective=cls", "trainer.max_steps=100000", "+trainer.max_time=00:00:00:03"
+    )
+    assert result["run"]["stopped_early"] and result["run"]["steps"] < 100000
+    summary = summary_markdown(runs_table([result]), "cosine")
+    assert "stopped early" in summary or "did not train" in summary

@@ -162,6 +162,7 @@ def runs_table(results: list[Results]) -> pd.DataFrame:
         row.update({f"final_{k}": v for k, v in r.get("final", {}).items() if isinstance(v, int | float)})
         reason = did_not_train(r)
         row["did_not_train"], row["did_not_train_reason"] = reason is not None, reason
+        row["stopped_early"] = bool(run.get("stopped_early", False))
         for metric, stats in r.get("profile", {}).items():
             row[f"{metric}_slope"] = stats.get("slope")
             row[f"{metric}_level"] = _mean_change(r.get("change", {}).get(metric))

@@ -77,12 +77,18 @@ def settings_table(runs: pd.DataFrame, metric: str) -> str:
 
 
 def did_not_train_section(runs: pd.DataFrame) -> list[str]:
-    if "did_not_train" not in runs or not runs.did_not_train.any():
-        return []
-    left_out = runs[runs.did_not_train.astype(bool)]
-    lines = [f"**{len(left_out)} runs did not train** (left out of every table below):", ""]
-    lines += [f"- {row.name}: {row.did_not_train_reason}" for row in left_out.itertuples()]
-    return [*lines, ""]
+    lines = []
+    if "did_not_train" in runs and runs.did_not_train.any():
+        left_out = runs[runs.did_not_train.astype(bool)]
+        lines += [f"**{len(left_out)} runs did not train** (left out of every table below):", ""]
+        lines += [f"- {row.name}: {row.did_not_train_reason}" for row in left_out.itertuples()] + [""]
+    if "stopped_early" in runs and runs.stopped_early.any():
+        early = runs[runs.stopped_early.astype(bool)]
+        if "did_not_train" in early:
+            early = early[~early.did_not_train.astype(bool)]
+        lines += [f"**{len(early)} runs stopped early** (fewer steps than trainer.max_steps; counted):", ""]
+        lines += [f"- {row.name}: {row.steps} steps" for row in early.itertuples()] + [""]
+    return lines
 
 
 def inventory_section(found: Inventory, missing: list[str] | None) -> list[str]:

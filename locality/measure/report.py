@@ -89,6 +89,10 @@ def format_profile(results: dict) -> str:
         + "   |   final: "
         + ", ".join(f"{k} {v:.4f}" for k, v in final.items() if isinstance(v, float))
     )
+    if results["run"].get("stopped_early"):
+        lines.append(
+            f"\nstopped early: {results['run']['steps']} optimizer steps, fewer than trainer.max_steps"
+        )
     if results["run"].get("did_not_train"):
         lines.append(
             f"\nnot a fine-tuning result: this run did not train ({results['run']['did_not_train']}); analysis leaves it out"

@@ -36,6 +36,7 @@ def test_results_follow_the_schema(train):
         "data",
         "resumed_from_steps",
         "did_not_train",
+        "stopped_early",
     }
     n = r["run"]["n_layers"]
     assert r["depth"] == [i / n for i in range(n + 1)]
