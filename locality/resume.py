@@ -45,6 +45,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from locality.integrity import sha256_of, sidecar, write_checksum
 from locality.rundir import remove_checkpoint
 
 PREVIOUS_CHECKPOINT = "previous.ckpt"
@@ -247,12 +248,20 @@ class KeepPreviousCheckpoint(ModelCheckpoint):
         for logger in trainer.loggers:
             logger.save()
         last = pending.with_name(self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        digest = sha256_of(pending) if pending.is_file() else None  # a folder of shards: no checksum
         if last.exists():
             previous = last.with_name(PREVIOUS_CHECKPOINT)
             if previous.is_dir():  # a folder of shards is not replaced by a rename
                 remove_checkpoint(previous)
             os.replace(last, previous)
+            if sidecar(last).exists():
+                os.replace(sidecar(last), sidecar(previous))
+            else:
+                sidecar(previous).unlink(missing_ok=True)
+        sidecar(last).unlink(missing_ok=True)
         os.replace(pending, last)
+        if digest is not None:
+            write_checksum(last, digest)  # verified before a relaunch resumes from it
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._commit(trainer)

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from locality.errors import UserError
 from locality.identity import changed_keys
+from locality.integrity import SUFFIX, sha256_of
 from locality.results import Results, ResultsError, check_results, read_results
 
 
@@ -60,6 +61,8 @@ class RunDir:
             return
         step, problem = _checkpoint_step(Path(path))
         if problem is None:
+            problem = self._checksum_problem(Path(path))
+        if problem is None:
             if Path(path).name != "last.ckpt":
                 print(
                     f"locality: resuming from {path} (step {step}): the run was interrupted while writing "
@@ -69,7 +72,9 @@ class RunDir:
             return
         previous = self.checkpoints / "previous.ckpt"
         previous_step = (
-            _checkpoint_step(previous)[0] if Path(path) != previous and previous.is_file() else None
+            _checkpoint_step(previous)[0]
+            if Path(path) != previous and previous.is_file() and self._checksum_problem(previous) is None
+            else None
         )
         if previous_step is not None:
             way = (
@@ -79,11 +84,24 @@ class RunDir:
             )
         else:
             way = "No earlier checkpoint is readable: add force=true to start the run over."
-        raise UserError(
-            f"The run's checkpoint {path} cannot be read ({problem}), so the run cannot resume from "
-            f"it: it was probably cut short while being written (the process killed, the disk full, "
-            f"an interrupted copy). {way}"
+        cause = (
+            "a file changed after it was written cannot be trusted (a flipped bit still loads)"
+            if "checksum" in problem
+            else "it was probably cut short while being written (the process killed, the disk full, an "
+            "interrupted copy)"
         )
+        raise UserError(
+            f"The run's checkpoint {path} cannot be used ({problem}), so the run cannot resume from it: {cause}. {way}"
+        )
+
+    def _checksum_problem(self, path: Path) -> str | None:
+        """A checkpoint file must match a checksum written with a checkpoint of this run (last's or previous's:
+        `mv previous.ckpt last.ckpt`, the way out offered, keeps it valid). Shard folders and checkpoints from
+        before checksums are not checked."""
+        recorded = {p.read_text().strip() for p in self.checkpoints.glob(f"*.ckpt{SUFFIX}")} - {""}
+        if not path.is_file() or not recorded or sha256_of(path) in recorded:
+            return None
+        return "its contents match no checksum written with this run's checkpoints: the file changed on disk"
 
     @property
     def failed_path(self) -> Path:
@@ -126,6 +144,8 @@ class RunDir:
             self.results_path.unlink(missing_ok=True)
         for checkpoint in self.checkpoints.glob("*.ckpt"):
             remove_checkpoint(checkpoint)
+        for checksum in self.checkpoints.glob(f"*.ckpt{SUFFIX}"):
+            checksum.unlink()
 
     @property
     def config_path(self) -> Path:

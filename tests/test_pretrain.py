@@ -125,6 +125,37 @@ def test_second_load_hits_the_cache_and_a_crash_leaves_no_entry(monkeypatch, tmp
     assert backbone.init_from == f"pretrained:{first.key}"
 
 
+def test_a_damaged_cache_entry_is_pretrained_again(monkeypatch, tmp_path):
+    """A flipped bit in a cached model.safetensors (still loads) changed results by up to 4.9 while init_from
+    still vouched for it; the entry's checksums now send it back to pretraining."""
+    monkeypatch.setenv("LOCALITY_CACHE", str(tmp_path))
+    model = spec("tiny_gpt2")
+    tokenizer = load_tokenizer(model, None)
+    first = pretrained_checkpoint(model, tokenizer, "decoder", log=lambda _: None)
+    assert set(first.info["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    weights = first.path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x04
+    weights.write_bytes(bytes(data))
+    said = []
+    again = pretrained_checkpoint(model, tokenizer, "decoder", log=said.append)
+    assert again.trained_now and again.key == first.key and "failed its checksums" in said[0]
+    assert not pretrained_checkpoint(model, tokenizer, "decoder", log=lambda _: None).trained_now
+
+
+def test_a_damaged_capture_cache_entry_is_a_miss(tmp_path):
+    from locality.measure.capture import load_cached, save_cached
+
+    path = tmp_path / "capture.pt"
+    features = [torch.randn(8, 4), torch.randn(8, 4)]
+    save_cached(path, features)
+    assert all(torch.equal(a, b) for a, b in zip(load_cached(path, (2, 8)), features, strict=True))
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0x01  # inside the last tensor's data: it would load with one value changed
+    path.write_bytes(bytes(data))
+    assert load_cached(path, (2, 8)) is None
+
+
 def test_random_and_pretrained_init_differ_and_say_so():
     pretrained = load_backbone(spec("tiny_gpt2"), head="causal_lm")
     torch.manual_seed(0)

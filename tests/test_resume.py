@@ -392,12 +392,33 @@ def test_a_damaged_checkpoint_is_reported_with_the_way_out(train, tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     message = " ".join(proc.stderr.split())
-    assert "Traceback" not in message and "last.ckpt cannot be read" in message, message
+    assert "Traceback" not in message and "last.ckpt cannot be used" in message, message
     assert "previous.ckpt, step 2" in message and "mv " in message and "force=true" in message, message
     assert "Loading" not in proc.stdout and "block" not in proc.stdout  # stopped before the model was built
 
     os.replace(previous, last)  # the first way out the message names
     assert train(*args)["run"]["resumed_from_steps"] == [2]
+
     damage()
     results = train(*args, "force=true")  # the second
     assert results["run"]["resumed_from_steps"] == [] and results["run"]["steps"] == 4
+
+
+def test_a_checkpoint_changed_on_disk_is_refused_by_its_checksum(train, tmp_path):
+    """A bit flipped in last.ckpt (same size, still loads) resumed silently and flipped a slope's sign; now the
+    relaunch is refused with the way out, and previous.ckpt, which still matches, is offered."""
+    from locality.errors import UserError
+
+    args = ["model=tiny_gpt2", "model.init=random", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2"]
+    args += ["measure.kl_probe_train=0", "measure.n_boot=40", "measure.n_boot_procrustes=0"]
+    train(*args)
+    run = run_dir(tmp_path)
+    last = run / "checkpoints" / "last.ckpt"
+    assert (run / "checkpoints" / "last.ckpt.sha256").is_file()
+    (run / "results.json").unlink()  # as if killed after the last checkpoint
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    last.write_bytes(bytes(data))
+    torch.load(last, weights_only=False, map_location="cpu")  # the damage is invisible to the loader
+    with pytest.raises(UserError, match=r"match no checksum .*previous.ckpt, step 2"):
+        train(*args)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from locality.errors import UserError
+from locality.integrity import manifest, manifest_problem, sha256_of
 from locality.paths import cache_dir
 
 INFO_FILE = "convert.json"
@@ -86,18 +87,10 @@ GGUF_BUNDLES = {
 }
 
 
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def entry_key(gguf_file: Path) -> str:
     import transformers
 
-    return hashlib.sha256(f"{file_sha256(gguf_file)}|{transformers.__version__}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{sha256_of(gguf_file)}|{transformers.__version__}".encode()).hexdigest()[:12]
 
 
 def converted_dir(bundle: GGUFBundle, log=print) -> Path:
@@ -126,7 +119,7 @@ def converted_dir(bundle: GGUFBundle, log=print) -> Path:
         tmp = root / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         info = convert(gguf_file, tmp)
         info.update(key=key, distribution=bundle.distribution, version=bundle.version())
-        info["files"] = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        info["files"] = manifest(tmp)
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
         if path.exists():
             shutil.rmtree(path)
@@ -159,7 +152,7 @@ def convert(gguf_file: Path, out: Path) -> dict:
     tokenizer.save_pretrained(out)
     return {
         "source": str(gguf_file),
-        "source_sha256": file_sha256(gguf_file),
+        "source_sha256": sha256_of(gguf_file),
         "transformers": transformers.__version__,
         "n_params": sum(p.numel() for p in model.parameters()),
         "wall_s": time.perf_counter() - started,
@@ -172,6 +165,4 @@ def entry_is_intact(path: Path) -> bool:
         files = json.loads((path / INFO_FILE).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return isinstance(files, dict) and all(
-        (path / name).is_file() and file_sha256(path / name) == digest for name, digest in files.items()
-    )
+    return manifest_problem(path, files) is None

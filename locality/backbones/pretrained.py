@@ -28,7 +28,9 @@ like the study, only smaller.
   The model name is not in it: presets that agree on all of that share one checkpoint. An entry is written
   to a temporary directory and renamed into place, so a killed pretraining never leaves a partial entry;
   a file lock per key makes concurrent runs (a parallel sweep) wait for one pretraining instead of
-  repeating it. `force=true` pretrains again and replaces the entry.
+  repeating it. `pretrain.json` holds a sha256 of every file of the entry, checked on every use: an entry
+  that fails (a flipped bit, a truncated file) is pretrained again. `force=true` pretrains again and replaces
+  the entry.
 - **Knob**: `$LOCALITY_PRETRAIN_STEPS` replaces `model.pretrain.steps` (tests and debugging use a small
   number); being part of the key, it never touches a real checkpoint.
 
@@ -57,6 +59,7 @@ from locality.backbones.tokenizer import vocab_fingerprint
 from locality.config import ModelConf, PretrainConf
 from locality.data.corpus import pretraining_corpus_version, pretraining_texts
 from locality.errors import UserError
+from locality.integrity import manifest, manifest_problem
 from locality.paths import cache_dir
 
 RECIPE_VERSION = 1  # bump when the loop, packing or masking changes: every key changes with it
@@ -134,7 +137,9 @@ def cache_key(material: dict) -> str:
 
 
 def is_complete(path: Path) -> bool:
-    return (path / INFO_FILE).is_file()
+    """An entry with its info file whose every file still has the checksum written with it (an entry that
+    fails, or one from before checksums, is pretrained again)."""
+    return manifest_problem(path, _read_info(path).get("files")) is None
 
 
 def pretrained_checkpoint(
@@ -161,8 +166,15 @@ def pretrained_checkpoint(
             return Pretrained(path, key, _read_info(path))
         for stale in root.glob(f".{key}.*.tmp"):  # left by a killed pretraining (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
+        why = (
+            "forced"
+            if force
+            else "its cached copy failed its checksums"
+            if path.exists()
+            else "not in the cache"
+        )
         log(
-            f"{spec.name}: pretraining on first use ({'forced' if force else 'not in the cache'}): "
+            f"{spec.name}: pretraining on first use ({why}): "
             f"{conf.steps} steps of {head.replace('_', ' ')} at batch {conf.batch_size} x {conf.seq_len} tokens "
             f"-> {path}"
         )
@@ -171,6 +183,7 @@ def pretrained_checkpoint(
         tmp = root / f".{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        info["files"] = manifest(tmp)  # checked on every use: a damaged entry is pretrained again
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
         if path.exists():  # force=true, or an entry without its info file
             shutil.rmtree(path)

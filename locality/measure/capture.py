@@ -36,6 +36,7 @@ from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from locality.backbones import no_cache
+from locality.integrity import checksum_matches, sha256_of, write_checksum
 from locality.measure.similarity import token_cosine_sums
 from locality.measure.update_core import is_dtensor
 from locality.pooling import pool
@@ -250,7 +251,7 @@ def capture_key(weights: str, probe_texts: list[str], settings: dict) -> str:
 def load_cached(path: Path, expected: tuple[int, int]) -> list[torch.Tensor] | None:
     """A cached capture, or None when there is none or it cannot be trusted (truncated, another shape, not
     finite): the caller then captures again and replaces it."""
-    if not path.is_file():
+    if not path.is_file() or not checksum_matches(path):  # a damaged (or unchecked) entry is captured again
         return None
     try:
         features = torch.load(path, weights_only=True)
@@ -273,4 +274,6 @@ def save_cached(path: Path, features: list[torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")  # never the global RNG: training's dropout uses it
     torch.save(features, tmp)
+    digest = sha256_of(tmp)
     tmp.replace(path)
+    write_checksum(path, digest)
