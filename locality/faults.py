@@ -11,6 +11,7 @@ one paragraph naming the checkpoint kept.
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -19,12 +20,17 @@ from lightning.pytorch.callbacks import Callback
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
 
-    def __init__(self, step: int, loss: float):
+    def __init__(self, step: int, loss: float, checkpoint_written: bool = True):
         self.step = step
+        kept = (
+            "checkpoints/last.ckpt holds the last finite weights"
+            if checkpoint_written
+            else "no checkpoint had been written yet, so none is kept"
+        )
         super().__init__(
-            f"the training loss became {loss} at step {step}. Training stopped there; checkpoints/last.ckpt holds "
-            "the last finite weights. Lower optim.lr, keep trainer.gradient_clip_val, or use float32 parameters "
-            "(model.dtype=float32) with trainer.precision=bf16-mixed."
+            f"the training loss became {loss} at step {step}. Training stopped there; {kept}. Lower optim.lr, keep "
+            "trainer.gradient_clip_val, or use float32 parameters (model.dtype=float32) with "
+            "trainer.precision=bf16-mixed."
         )
 
 
@@ -33,8 +39,9 @@ class StopOnNonFiniteLoss(Callback):
     the steps where a checkpoint may be saved or metrics logged, and at the end. The reported step is the
     first non-finite one, so at most `check_every` steps run on with NaN weights, and none is checkpointed."""
 
-    def __init__(self, check_every: int = 1):
+    def __init__(self, check_every: int = 1, checkpoints: Path | None = None):
         self.check_every = max(1, check_every)
+        self.checkpoints = checkpoints  # where last.ckpt goes: the message says whether one was kept
         self._first_bad: torch.Tensor | None = None  # step of the first non-finite loss, -1 while all finite
         self._bad_loss: torch.Tensor | None = None
 
@@ -58,7 +65,10 @@ class StopOnNonFiniteLoss(Callback):
 
     def check(self) -> None:
         if self._first_bad is not None and int(self._first_bad) >= 0:
-            raise NonFiniteLoss(int(self._first_bad), float(self._bad_loss))
+            written = self.checkpoints is None or any(
+                (self.checkpoints / name).exists() for name in ("last.ckpt", "pending.ckpt", "previous.ckpt")
+            )
+            raise NonFiniteLoss(int(self._first_bad), float(self._bad_loss), written)
 
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -33,7 +33,9 @@ def build_trainer(
     checkpoint = KeepPreviousCheckpoint(
         dirpath=run.checkpoints, save_last=True, save_top_k=0, every_n_train_steps=cfg.ckpt_every_n_steps
     )
-    stop = StopOnNonFiniteLoss(check_every=math.gcd(cfg.ckpt_every_n_steps, cfg.log_every_n_steps))
+    stop = StopOnNonFiniteLoss(
+        check_every=math.gcd(cfg.ckpt_every_n_steps, cfg.log_every_n_steps), checkpoints=run.checkpoints
+    )
     return instantiate_component(
         cfg,
         "trainer",

@@ -96,7 +96,11 @@ def answer(overrides: list[str], tmp_path: Path) -> str:
 
 
 def test_readme_lists_at_least_30_cases():
+    import re
+
     assert len(ROWS) >= 30
+    stated = re.search(r"The (\d+) cases below are each run", README.read_text())
+    assert stated and int(stated.group(1)) == len(ROWS), "README's count of bad-input cases is stale"
     assert len({row[0] for row in ROWS}) == len(ROWS), "a case is listed twice"
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import stat
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +49,21 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(tr
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert checkpoint["global_step"] == 2
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
+    assert "checkpoints/last.ckpt holds the last finite weights" in failed["reason"]
+
+
+def test_a_non_finite_loss_before_any_checkpoint_does_not_claim_one(train, tmp_path):
+    with pytest.raises(NonFiniteLoss, match="no checkpoint had been written yet"):
+        train(
+            "model=tiny_gpt2",
+            "objective=clm",
+            "trainer.max_steps=8",
+            "trainer.ckpt_every_n_steps=4",
+            "+control.nan_after._target_=test_faults.NaNAfter",
+            "+control.nan_after.at=0",
+        )
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert not list((run_dir / "checkpoints").glob("*.ckpt"))
 
 
 class RaiseAt(Control):
@@ -173,7 +189,12 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_marks_the_run_interrupted(tmp_p
     _, stderr = proc.communicate(timeout=120)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert proc.returncode == 130, stderr[-2000:]
-    assert f"the last checkpoint is {run_dir / 'checkpoints' / 'last.ckpt'}" in stderr
+    named = stderr.split("the last checkpoint is ")[1].split(". Relaunch")[0]
+    # last.ckpt, or previous.ckpt when the signal lands while a new checkpoint is being put in place
+    assert (
+        named in {str(run_dir / "checkpoints" / n) for n in ("last.ckpt", "previous.ckpt")}
+        and Path(named).is_file()
+    )
     assert "Relaunch the same command to resume from it." in stderr and "Traceback" not in stderr
     failed = json.loads((run_dir / "failed.json").read_text())
     assert (
