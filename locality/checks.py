@@ -250,6 +250,7 @@ def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
         "trainer.accelerator": (cfg.trainer.accelerator, ACCELERATORS),
         "trainer.matmul_precision": (cfg.trainer.matmul_precision, MATMUL_PRECISIONS),
         "trainer.compile": (cfg.trainer.compile, COMPILE),
+        "trainer.keep_checkpoint": (cfg.trainer.get("keep_checkpoint", "last"), ("last", "none")),
         "measure.pooling": (cfg.measure.pooling, POOLINGS),
         "measure.ci_method": (cfg.measure.ci_method, ("basic", "percentile")),
         "measure.plugin_ci": (cfg.measure.plugin_ci, ("jackknife", "bootstrap")),

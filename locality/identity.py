@@ -28,6 +28,7 @@ NON_RESULT_KEYS = (
     "trainer.enable_progress_bar",
     "trainer.log_every_n_steps",
     "trainer.ckpt_every_n_steps",
+    "trainer.keep_checkpoint",
     "data.num_workers",
     "measure.cache",
 )

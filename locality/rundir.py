@@ -136,16 +136,20 @@ class RunDir:
         finally:
             lock.release()
 
+    def drop_checkpoints(self) -> None:
+        """Delete the checkpoints and their checksums (trainer.keep_checkpoint=none, once results.json exists)."""
+        for checkpoint in self.checkpoints.glob("*.ckpt"):
+            remove_checkpoint(checkpoint)
+        for checksum in self.checkpoints.glob(f"*.ckpt{SUFFIX}"):
+            checksum.unlink()
+
     def start_over(self) -> None:
         """Forget a previous attempt (force=true): its results and checkpoints must not be resumed."""
         if self.results_path.is_dir() and not self.results_path.is_symlink():
             shutil.rmtree(self.results_path)
         else:
             self.results_path.unlink(missing_ok=True)
-        for checkpoint in self.checkpoints.glob("*.ckpt"):
-            remove_checkpoint(checkpoint)
-        for checksum in self.checkpoints.glob(f"*.ckpt{SUFFIX}"):
-            checksum.unlink()
+        self.drop_checkpoints()
 
     @property
     def config_path(self) -> Path:

@@ -244,6 +244,8 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         save_cross_layer(run_dir.path, results["cross_layer"])
     log_profile(trainer.loggers, results, step=trainer.global_step)
     run_dir.write_results(results)
+    if cfg.trainer.get("keep_checkpoint", "last") == "none":  # the run is complete: nothing left to resume
+        run_dir.drop_checkpoints()
     print(format_profile(results))
     print(f"\nresults: {run_dir.results_path}")
     return results

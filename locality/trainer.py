@@ -1,6 +1,7 @@
 """Build the Lightning Trainer from `conf/trainer` (its `_target_` and arguments) with the run's callbacks.
 
-Every key of the trainer config but `ckpt_every_n_steps`, `matmul_precision` (float32 matmuls:
+Every key of the trainer config but `ckpt_every_n_steps`, `keep_checkpoint` (last | none: whether the
+checkpoints stay once results.json is written), `matmul_precision` (float32 matmuls:
 `torch.set_float32_matmul_precision`) and `compile` (`LocalityModule`'s) is a `lightning.Trainer` argument; the run supplies
 `default_root_dir`, `logger` and `callbacks`: non-finite-loss stopping first, then the run's callbacks, then
 checkpointing (every `ckpt_every_n_steps` optimizer steps, keeping the previous checkpoint until the new one
@@ -22,7 +23,13 @@ from locality.faults import StopOnNonFiniteLoss
 from locality.resume import KeepPreviousCheckpoint
 from locality.rundir import RunDir
 
-OWN_KEYS = ("ckpt_every_n_steps", "matmul_precision", "compile")  # locality's, not the Trainer's
+OWN_KEYS = (
+    "ckpt_every_n_steps",
+    "keep_checkpoint",
+    "matmul_precision",
+    "compile",
+)  # locality's, not the Trainer's
+KEEP_CHECKPOINT = ("last", "none")
 SUPPLIED = ("default_root_dir", "logger", "callbacks")
 
 

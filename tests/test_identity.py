@@ -192,3 +192,19 @@ def test_a_damaged_results_json_is_refused_with_the_way_out_and_force_reruns(tra
         train(*args)
     assert train(*args, "force=true")["run"]["config_hash"] == good["run"]["config_hash"]
     assert json.loads(results.read_text())["schema"] == "locality.results/1"
+
+
+def test_keep_checkpoint_none_deletes_the_checkpoints_once_the_run_is_complete(train, tmp_path):
+    run_dir = tmp_path / "kept"
+    kept = train("model=tiny_gpt2", "trainer.ckpt_every_n_steps=1", f"hydra.run.dir={run_dir}")
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    other = tmp_path / "dropped"
+    dropped = train(
+        "model=tiny_gpt2",
+        "trainer.ckpt_every_n_steps=1",
+        "trainer.keep_checkpoint=none",
+        f"hydra.run.dir={other}",
+    )
+    assert dropped["run"]["config_hash"] == kept["run"]["config_hash"]  # not a result-changing option
+    assert (other / "results.json").is_file() and not list((other / "checkpoints").iterdir())
+    assert train("model=tiny_gpt2", "trainer.keep_checkpoint=none", f"hydra.run.dir={other}") == dropped
