@@ -152,7 +152,7 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
         path, local = resolve_source(spec.name_or_path)
         if not local:
             check_hub_access(path, spec.revision)
-        tokenizer = load_tokenizer(spec, spec.name_or_path)
+        tokenizer = load_tokenizer(spec, path if local else spec.name_or_path)  # resolved once, not again
         config = _read_config(spec, path, **spec.config_overrides)
         pretrained, source = True, f"pretrained from {path}"
         init_from = weights_origin(spec, path, local, config)

@@ -6,7 +6,7 @@ de-quantizes every tensor to float32 (and undoes llama.cpp's q/k row permutation
 the Q4_1-rounded values of the hub checkpoint: a real pretrained network, not bit-identical to
 `HuggingFaceTB/SmolLM2-135M-Instruct`.
 
-Conversion takes minutes on 2 cores, so it happens once: into `<cache>/gguf/<file stem>-<key>/`, a
+Conversion takes ~20 s on 2 cores (and reading the result back well under a second), so it happens once: into `<cache>/gguf/<file stem>-<key>/`, a
 `save_pretrained` directory (model with its LM head, and the tokenizer rebuilt from the GGUF's vocabulary)
 plus `convert.json` (what was converted and a checksum of every file written). The key hashes the GGUF file's
 bytes and the transformers version (the conversion code). The entry is written to a temporary directory and
@@ -16,6 +16,7 @@ half-written; an entry whose files no longer match their checksums is converted 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -59,8 +60,8 @@ class GGUFBundle:
         return f"bundled:{self.distribution}@{self.version()}#gguf-{self.quantization}"
 
     def config(self):
-        """The model's transformers config, read from the converted entry or else the GGUF header (no
-        conversion: `locality.plan` and the checks run in seconds)."""
+        """The model's transformers config, read from the GGUF header alone (no conversion: `locality.plan`
+        and the checks run in seconds)."""
         from transformers import AutoConfig
 
         gguf_file = self.file()
@@ -87,10 +88,21 @@ GGUF_BUNDLES = {
 }
 
 
+def file_digest(gguf_file: Path) -> str:
+    """sha256 of the GGUF file, computed once per process for a file that has not changed since."""
+    stat = gguf_file.stat()
+    return _digest(str(gguf_file), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_of(Path(path))
+
+
 def entry_key(gguf_file: Path) -> str:
     import transformers
 
-    return hashlib.sha256(f"{sha256_of(gguf_file)}|{transformers.__version__}".encode()).hexdigest()[:12]
+    return hashlib.sha256(f"{file_digest(gguf_file)}|{transformers.__version__}".encode()).hexdigest()[:12]
 
 
 def converted_dir(bundle: GGUFBundle, log=print) -> Path:
@@ -152,7 +164,7 @@ def convert(gguf_file: Path, out: Path) -> dict:
     tokenizer.save_pretrained(out)
     return {
         "source": str(gguf_file),
-        "source_sha256": sha256_of(gguf_file),
+        "source_sha256": file_digest(gguf_file),
         "transformers": transformers.__version__,
         "n_params": sum(p.numel() for p in model.parameters()),
         "wall_s": time.perf_counter() - started,
