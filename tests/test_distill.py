@@ -61,7 +61,7 @@ def test_zero_alpha_is_zero_distance_and_the_distance_grows_with_alpha(backbone)
 def test_the_teacher_is_frozen_and_outside_the_trained_parameters(backbone):
     objective = Distill(backbone, Task(), alpha=1.0)
     assert list(objective.parameters()) == [] and "xi" not in objective.state_dict()
-    assert not any(p.requires_grad for p in objective._teacher[0].parameters())
+    assert not any(p.requires_grad for p in objective.teacher.module.parameters())
 
 
 def test_bad_options_and_encoders_are_refused(backbone):

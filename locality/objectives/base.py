@@ -14,6 +14,7 @@ An objective is an `nn.Module` (its new head's parameters, if any, are trained w
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -21,7 +22,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from locality.backbones import Backbone, HeadKind
+from locality.backbones import Backbone, HeadKind, no_cache
 
 IGNORE = -100
 
@@ -42,6 +43,22 @@ class StepOutput:
     loss: torch.Tensor
     preds: torch.Tensor  # class indices, any shape
     target: torch.Tensor  # same shape; IGNORE where not scored
+
+
+class FrozenCopy:
+    """A frozen copy of a module that an objective uses as a teacher, kept out of the objective's module tree
+    (a plain attribute, not a submodule): never trained, not in checkpoints (a resumed run rebuilds it from the
+    same pretrained weights), moved to the device of the inputs it is called on."""
+
+    def __init__(self, module: nn.Module):
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, torch.Tensor]):
+        ids = batch["input_ids"]
+        if next(self.module.parameters()).device != ids.device:
+            self.module.to(ids.device)
+        return self.module(input_ids=ids, attention_mask=batch["attention_mask"], **no_cache(self.module))
 
 
 class Objective(nn.Module):

@@ -12,15 +12,13 @@ pretrained model, so the step-0 loss is KL(teacher || pretrained) itself: a dive
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from locality.backbones import Backbone, no_cache
 from locality.errors import UserError
-from locality.objectives.base import IGNORE, StepOutput, Task
+from locality.objectives.base import IGNORE, FrozenCopy, StepOutput, Task
 from locality.objectives.clm import CausalLM
 
 
@@ -51,26 +49,16 @@ class Distill(CausalLM):
         self.register_buffer(
             "xi", torch.randn(self.buckets, self.vocab_size, generator=generator), persistent=False
         )
-        # The frozen pretrained model, kept out of the module tree: not trained, not in checkpoints (a resumed
-        # run rebuilds it from the same pretrained weights), moved to the batch's device when first used.
-        teacher = copy.deepcopy(backbone.model).eval().requires_grad_(False)
-        self._teacher = [teacher]
+        self.teacher = FrozenCopy(backbone.model)  # the pretrained model with its LM head
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         return self.tokenize([e["text"] for e in examples])
 
     def teacher_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """log softmax(z_0 + alpha * xi) at every position but the last, float32."""
-        teacher = self._teacher[0]
-        device = batch["input_ids"].device
-        if next(teacher.parameters()).device != device:
-            teacher.to(device)
-        with torch.no_grad():
-            z0 = teacher(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache(teacher)
-            ).logits[:, :-1]
-            shift = self.xi.to(device)[batch["input_ids"][:, :-1] % self.buckets]
-            return torch.log_softmax(z0.float() + self.alpha * shift, dim=-1)
+        z0 = self.teacher(batch).logits[:, :-1]
+        shift = self.xi[batch["input_ids"][:, :-1] % self.buckets]
+        return torch.log_softmax(z0.float() + self.alpha * shift, dim=-1)
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
         logits = model(

@@ -15,16 +15,15 @@ used; any text data works.
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
 from torch import nn
 
-from locality.backbones import Backbone, no_cache
+from locality.backbones import Backbone
 from locality.data.corpus import pretraining_texts
 from locality.errors import UserError
-from locality.objectives.base import StepOutput, Task
+from locality.objectives.base import FrozenCopy, StepOutput, Task
 from locality.objectives.cls import SequenceClassification
 from locality.pooling import pool
 
@@ -61,8 +60,7 @@ class TeacherClassification(SequenceClassification):
         generator = torch.Generator().manual_seed(teacher_seed)
         weight = torch.randn(backbone.hidden_size, classes, generator=generator)
         self.register_buffer("teacher_weight", weight, persistent=False)
-        # The frozen pretrained model, kept out of the module tree (not trained, not checkpointed).
-        self._teacher = [copy.deepcopy(backbone.model.base_model).eval().requires_grad_(False)]
+        self.teacher = FrozenCopy(backbone.model.base_model)
         reference = self.features(self.collate([{"text": t} for t in pretraining_texts()[:REFERENCE_TEXTS]]))
         self.register_buffer("feature_mean", reference.mean(0), persistent=False)
         self.register_buffer("feature_std", reference.std(0).clamp(min=1e-6), persistent=False)
@@ -76,13 +74,7 @@ class TeacherClassification(SequenceClassification):
 
     def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The frozen pretrained model's pooled final states, float32."""
-        teacher = self._teacher[0]
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        if next(teacher.parameters()).device != ids.device:
-            teacher.to(ids.device)
-        with torch.no_grad():
-            hidden = teacher(input_ids=ids, attention_mask=mask, **no_cache(teacher))[0]
-            return pool(hidden, mask, self.pooling).float()
+        return pool(self.teacher(batch)[0], batch["attention_mask"], self.pooling).float()
 
     def labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's class of every example, a `noise` fraction of them replaced by a hash-chosen class."""
