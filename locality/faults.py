@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from locality.resume import PENDING_CHECKPOINT, PREVIOUS_CHECKPOINT
+
 
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite."""
@@ -66,7 +68,8 @@ class StopOnNonFiniteLoss(Callback):
     def check(self) -> None:
         if self._first_bad is not None and int(self._first_bad) >= 0:
             written = self.checkpoints is None or any(
-                (self.checkpoints / name).exists() for name in ("last.ckpt", "pending.ckpt", "previous.ckpt")
+                (self.checkpoints / name).exists()
+                for name in ("last.ckpt", PENDING_CHECKPOINT, PREVIOUS_CHECKPOINT)
             )
             raise NonFiniteLoss(int(self._first_bad), float(self._bad_loss), written)
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from locality.analysis.tables import trained
+
 METRIC_LABELS = {
     "cosine_tokens": "cosine distance, per token (1 − cos)",
     "cosine": "cosine distance, mean-pooled (1 − cos)",
@@ -190,9 +192,9 @@ def steepness_scatter(runs: pd.DataFrame, metric: str, out: Path, rho: dict | No
 def dose_response_figure(runs: pd.DataFrame, table: pd.DataFrame, metric: str, out: Path) -> Path | None:
     """The profile's slope against the exact objective distance: every run (dots), the setting means
     (squares) and the fitted line with its b and interval, one panel per model x objective."""
-    data = runs.dropna(subset=["init_kl_excess", f"{metric}_slope"]) if "init_kl_excess" in runs else runs[:0]
-    if "did_not_train" in data:
-        data = data[~data.did_not_train.astype(bool)]
+    if "init_kl_excess" not in runs:
+        return None
+    data = trained(runs).dropna(subset=["init_kl_excess", f"{metric}_slope"])
     if data.empty:
         return None
     plt = _pyplot()

@@ -166,13 +166,11 @@ def pretrained_checkpoint(
             return Pretrained(path, key, _read_info(path))
         for stale in root.glob(f".{key}.*.tmp"):  # left by a killed pretraining (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
-        why = (
-            "forced"
-            if force
-            else "its cached copy failed its checksums"
-            if path.exists()
-            else "not in the cache"
-        )
+        why = "not in the cache"
+        if force:
+            why = "forced"
+        elif path.exists():
+            why = "its cached copy failed its checksums"
         log(
             f"{spec.name}: pretraining on first use ({why}): "
             f"{conf.steps} steps of {head.replace('_', ' ')} at batch {conf.batch_size} x {conf.seq_len} tokens "
