@@ -20,7 +20,6 @@ tests/test_checks.py runs each row of that table.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -530,9 +529,9 @@ def writable_problem(path: Path) -> str | None:
 
 def check_cache() -> None:
     """$LOCALITY_CACHE (pretrained checkpoints, converted GGUF models, pre-fine-tuning captures) is writable."""
-    from locality.paths import CACHE_ENV, default_cache
+    from locality.paths import CACHE_ENV, cache_path
 
-    path = Path(os.environ.get(CACHE_ENV) or default_cache())
+    path = cache_path()
     problem = writable_problem(path)
     if problem:
         raise UserError(
@@ -544,8 +543,10 @@ def check_cache() -> None:
 def check_model_shape(cfg: DictConfig, config) -> None:
     """What a config-built or saved model's config says that cannot train: no blocks, a width that does not
     split into its heads, sequences longer than its positions."""
-    n_blocks = getattr(config, "num_hidden_layers", None)
-    if isinstance(n_blocks, int) and n_blocks < 1:
+    from locality.backbones import peek_n_blocks
+
+    n_blocks = peek_n_blocks(config)
+    if n_blocks is not None and n_blocks < 1:
         raise UserError(
             f"model '{cfg.model.name}' has {n_blocks} blocks (model.config_overrides): it needs at least 1."
         )

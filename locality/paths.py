@@ -19,14 +19,15 @@ def conf_dir() -> Path:
 CACHE_ENV = "LOCALITY_CACHE"
 
 
-def default_cache() -> Path:
-    return Path.home() / ".cache" / "locality"
+def cache_path() -> Path:
+    """Where the cache lives ($LOCALITY_CACHE, unless unset or empty, else ~/.cache/locality); not created."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "locality")
 
 
 def cache_dir() -> Path:
     """Cache for trained tokenizers, pretrained and converted checkpoints, and pre-fine-tuning captures
-    ($LOCALITY_CACHE or ~/.cache/locality)."""
-    root = Path(os.environ.get(CACHE_ENV) or default_cache())
+    (`cache_path`), created on first use."""
+    root = cache_path()
     root.mkdir(parents=True, exist_ok=True)
     return root
 
