@@ -130,36 +130,35 @@ class Alternate(L.Callback):
             self.peak[True] = self._peak()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
-    parser.add_argument("--steps", type=int, default=100, help="timed steps per mode (>= 100)")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per mode before timing")
-    parser.add_argument("--block", type=int, default=10, help="steps per alternating block")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    preset = PRESETS[args.preset]
-    arch = {k: preset[k] for k in ("n_layer", "n_embd", "n_head", "vocab_size")}
-    batch_size, seq_len = args.batch_size or preset["batch_size"], args.seq_len or preset["seq_len"]
-    precision = preset["precision"] if args.device == "cuda" else "32-true"  # no fast bf16 on CPU
+def measure(
+    device: str = "cpu",
+    preset: str = "tiny",
+    steps: int = 100,
+    warmup: int = 10,
+    block: int = 10,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    **arch_overrides: int,
+) -> dict:
+    """One alternating fit, standard vs equal_step; the step times, their ratio and the memory overhead.
+    `arch_overrides` (n_layer, n_embd, n_head, vocab_size) change the preset's shape (bench/gpu_suite.py's dry
+    run shrinks it)."""
+    spec = PRESETS[preset]
+    arch = {k: arch_overrides.get(k, spec[k]) for k in ("n_layer", "n_embd", "n_head", "vocab_size")}
+    batch_size, seq_len = batch_size or spec["batch_size"], seq_len or spec["seq_len"]
+    precision = spec["precision"] if device == "cuda" else "32-true"  # no fast bf16 on CPU
 
     L.seed_everything(0, verbose=False)
     module = GPT2Module(**arch, seq_len=seq_len)
-    blocks_per_mode = -(-args.steps // args.block)
-    total = 2 * args.warmup + 2 * blocks_per_mode * args.block
+    blocks_per_mode = -(-steps // block)
+    total = 2 * warmup + 2 * blocks_per_mode * block
     tokens = torch.randint(module.model.config.vocab_size, (total * batch_size, seq_len))
-    loader = DataLoader(TensorDataset(tokens), batch_size=batch_size, pin_memory=args.device == "cuda")
+    loader = DataLoader(TensorDataset(tokens), batch_size=batch_size, pin_memory=device == "cuda")
 
     control = EqualStep()
-    timer = Alternate(control, args.warmup, args.block, args.device)
+    timer = Alternate(control, warmup, block, device)
     trainer = L.Trainer(
-        accelerator=args.device,
+        accelerator=device,
         devices=1,
         precision=precision,
         max_steps=total,
@@ -174,30 +173,67 @@ def main() -> None:
     trainer.fit(module, loader)
 
     std, eq = (statistics.median(timer.times[on]) for on in (False, True))
-    n_block = sum(p.numel() for p in module.blocks.parameters())
-    n_total = sum(p.numel() for p in module.parameters())
-    snapshot = control.core.snapshot_bytes
-    measured = timer.peak[True] - timer.peak[False]
+    return {
+        "device": device,
+        "preset": preset,
+        "arch": arch,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "precision": precision,
+        "threads": torch.get_num_threads(),
+        "params_total": sum(p.numel() for p in module.parameters()),
+        "params_blocks": sum(p.numel() for p in module.blocks.parameters()),
+        "n_blocks": len(module.blocks),
+        "block": block,
+        "warmup": warmup,
+        "times": {"standard": timer.times[False], "equal_step": timer.times[True]},
+        "median_ms": {"standard": 1e3 * std, "equal_step": 1e3 * eq},
+        "ratio": eq / std,
+        "snapshot_bytes": control.core.snapshot_bytes,
+        "memory_delta_bytes": timer.peak[True] - timer.peak[False],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--preset", choices=list(PRESETS), default="tiny")
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per mode (>= 100)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps per mode before timing")
+    parser.add_argument("--block", type=int, default=10, help="steps per alternating block")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    r = measure(args.device, args.preset, args.steps, args.warmup, args.block, args.batch_size, args.seq_len)
     unit = "peak allocated (CUDA)" if args.device == "cuda" else "peak RSS"
     print(
         f"equal_step overhead | torch {torch.__version__} | lightning {L.__version__} | {args.device} | ",
         end="",
     )
-    print(f"{torch.get_num_threads()} threads")
-    print(f"preset {args.preset}: {arch}, batch {batch_size}x{seq_len}, precision {precision}")
-    print(f"params: {n_total / 1e6:.2f} M total, {n_block / 1e6:.2f} M in {len(module.blocks)} blocks")
+    print(f"{r['threads']} threads")
     print(
-        f"timed steps per mode: {len(timer.times[False])} standard, {len(timer.times[True])} equal_step ",
+        f"preset {args.preset}: {r['arch']}, batch {r['batch_size']}x{r['seq_len']}, precision {r['precision']}"
+    )
+    print(
+        f"params: {r['params_total'] / 1e6:.2f} M total, {r['params_blocks'] / 1e6:.2f} M in {r['n_blocks']} blocks"
+    )
+    times = r["times"]
+    print(
+        f"timed steps per mode: {len(times['standard'])} standard, {len(times['equal_step'])} equal_step ",
         end="",
     )
     print(f"(alternating blocks of {args.block}, after {args.warmup} warm-up steps each)")
-    for name, on in (("standard", False), ("equal_step", True)):
-        q = statistics.quantiles(timer.times[on], n=4)
-        print(f"  {name:<10} median {1e3 * statistics.median(timer.times[on]):8.2f} ms  ", end="")
+    for name in ("standard", "equal_step"):
+        q = statistics.quantiles(times[name], n=4)
+        print(f"  {name:<10} median {r['median_ms'][name]:8.2f} ms  ", end="")
         print(f"(p25 {1e3 * q[0]:.2f}, p75 {1e3 * q[2]:.2f})")
-    print(f"step-time ratio equal_step / standard: {eq / std:.4f}")
-    print(f"memory: snapshot buffers {snapshot / 2**20:.2f} MiB (analytical); ", end="")
-    print(f"{unit} delta {measured / 2**20:.2f} MiB")
+    print(f"step-time ratio equal_step / standard: {r['ratio']:.4f}")
+    print(f"memory: snapshot buffers {r['snapshot_bytes'] / 2**20:.2f} MiB (analytical); ", end="")
+    print(f"{unit} delta {r['memory_delta_bytes'] / 2**20:.2f} MiB")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ whole loop iteration: batch fetch, forward, backward, clipping, optimizer step, 
 progress bar); a plain step from fetching its batch to the end of `zero_grad`. Prints the median step time
 of each over `--steps` timed steps after `--warmup` untimed ones, and their ratio.
 
+On a GPU (overrides `trainer.accelerator=gpu trainer.precision=bf16-mixed ...`, as bench/gpu_suite.py gives),
+the plain loop moves its copy and its batches to the device and runs its forward under the same bf16 autocast
+as Lightning's bf16-mixed; both sides synchronize the device before reading the clock.
+
     python bench/loop_overhead.py                       # tiny_gpt2 (random init), clm, 16 x 128 tokens
     python bench/loop_overhead.py --steps 200 model=tiny_bert objective=cls
 """
@@ -23,6 +27,7 @@ of each over `--steps` timed steps after `--warmup` untimed ones, and their rati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import statistics
@@ -54,15 +59,20 @@ DEFAULT_OVERRIDES = ["model=tiny_gpt2", "model.init=random", "objective=clm", "c
 
 
 class PlainLoop:
-    """The hand-written loop over a copy of the module: same weights, groups, optimizer, schedule, clipping."""
+    """The hand-written loop over a copy of the module: same weights, groups, optimizer, schedule, clipping.
+    On a GPU: the copy and each batch on the device, the forward under the trainer's autocast (bf16-mixed)."""
 
-    def __init__(self, module: LocalityModule, cfg, total_steps: int, loader) -> None:
-        self.module = copy.deepcopy(module)  # before the trainer touches `module`
+    def __init__(self, module: LocalityModule, cfg, total_steps: int, loader, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.module = copy.deepcopy(module).to(self.device)  # before the trainer touches `module`
         self.model = self.module.model
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = module.optimizer_factory(self.module.param_groups())
         self.scheduler = module.scheduler_factory(self.optimizer, total_steps)
         self.clip = cfg.trainer.gradient_clip_val
+        precision = str(cfg.trainer.precision)
+        self.autocast = precision.endswith("-mixed") and self.device.type != "cpu"
+        self.dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
         self.loader = loader
         self.batches = iter(loader)
         self.module.train()
@@ -70,25 +80,41 @@ class PlainLoop:
     def next_batch(self) -> dict:
         """The next batch; a new epoch (the loader's next permutation, as the framework's) after the last."""
         try:
-            return next(self.batches)
+            batch = next(self.batches)
         except StopIteration:
             self.batches = iter(self.loader)
-            return next(self.batches)
+            batch = next(self.batches)
+        if self.device.type == "cpu":
+            return batch
+        return {
+            k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+        }
 
     def step(self) -> None:
         batch = self.next_batch()
-        out = self.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            **no_cache(self.model),
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.dtype) if self.autocast else contextlib.nullcontext()
         )
+        with autocast:
+            out = self.model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                **no_cache(self.model),
+            )
         out.loss.backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
+        sync(self.device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so the clock measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Alternate(L.Callback):
@@ -103,6 +129,7 @@ class Alternate(L.Callback):
         self._last: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        sync(pl_module.device)
         now = time.perf_counter()
         step = trainer.global_step  # steps completed; the previous framework step is step - 1
         if self._last is not None and step - 1 >= self.warmup:
@@ -121,6 +148,80 @@ class Alternate(L.Callback):
                 self.plain.step()
                 self.plain_times.append(time.perf_counter() - start)
         self._last = time.perf_counter()
+
+
+def measure(
+    overrides: list[str] = (),
+    steps: int = 120,
+    warmup: int = 10,
+    block: int = 10,
+    device: str = "cpu",
+    profile: str | None = None,
+) -> dict:
+    """One fit of the framework with plain blocks in between; the step times of each side and their ratio.
+    `overrides` follow DEFAULT_OVERRIDES; on a GPU they must name its accelerator and precision."""
+    blocks = -(-steps // block)
+    total = warmup + blocks * block + 1  # the last framework step is not timed
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_train(
+            [
+                *DEFAULT_OVERRIDES,
+                *overrides,
+                f"trainer.max_steps={total}",
+                f"outputs_root={tmp}",
+            ],
+        )
+        parts = assemble(cfg)
+        splits, backbone, objective = parts.splits, parts.backbone, parts.objective
+
+        def datamodule() -> LocalityDataModule:
+            data = cfg.data
+            return LocalityDataModule(
+                splits, objective, data.batch_size, data.eval_batch_size, cfg.seed, data.num_workers
+            )
+
+        data = datamodule()
+        module = LocalityModule(backbone, objective, instantiate(cfg.optim), instantiate(cfg.scheduler), [])
+        plain = PlainLoop(module, cfg, total, datamodule().train_dataloader(), device)
+        timer = Alternate(plain, warmup, block, blocks * block)
+        run_dir = RunDir(Path(tmp) / "run")
+        logger = csv_logger(RunInfo(run_dir, "bench", {}))
+        callbacks = [*filter(None, [ratio_monitor(cfg.measure, [])]), RunState(), timer]
+        trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
+        if profile:
+            import cProfile
+
+            cProfile.runctx("trainer.fit(module, datamodule=data)", globals(), locals(), profile)
+        else:
+            trainer.fit(module, datamodule=data)
+
+    framework, plain_times = timer.framework, timer.plain_times
+    ratio = statistics.median(framework) / statistics.median(plain_times)
+    paired = statistics.median(  # each framework block against the plain block just before it
+        statistics.median(t for t, b in zip(framework, timer.framework_block, strict=True) if b == i)
+        / statistics.median(plain_times[i * block : (i + 1) * block])
+        for i in sorted(set(timer.framework_block))
+    )
+    return {
+        "config": [*DEFAULT_OVERRIDES, *overrides],
+        "device": device,
+        "batch_size": cfg.data.batch_size,
+        "max_length": cfg.objective.max_length,
+        "precision": str(cfg.trainer.precision),
+        "log_every_n_steps": cfg.trainer.log_every_n_steps,
+        "progress_bar": cfg.trainer.enable_progress_bar,
+        "params": backbone.n_params,
+        "threads": torch.get_num_threads(),
+        "block": block,
+        "warmup": warmup,
+        "times": {"framework": framework, "plain": plain_times},
+        "median_ms": {
+            "framework": 1e3 * statistics.median(framework),
+            "plain": 1e3 * statistics.median(plain_times),
+        },
+        "ratio": ratio,
+        "paired_ratio": paired,
+    }
 
 
 def main() -> None:
@@ -147,57 +248,14 @@ def main() -> None:
         LocalityModule._train_metrics_wanted = lambda self: True
     torch.set_num_threads(args.threads)
 
-    blocks = -(-args.steps // args.block)
-    total = args.warmup + blocks * args.block + 1  # the last framework step is not timed
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_train(
-            [
-                *DEFAULT_OVERRIDES,
-                *args.overrides,
-                f"trainer.max_steps={total}",
-                f"outputs_root={tmp}",
-            ],
-        )
-        parts = assemble(cfg)
-        splits, backbone, objective = parts.splits, parts.backbone, parts.objective
-
-        def datamodule() -> LocalityDataModule:
-            data = cfg.data
-            return LocalityDataModule(
-                splits, objective, data.batch_size, data.eval_batch_size, cfg.seed, data.num_workers
-            )
-
-        data = datamodule()
-        module = LocalityModule(backbone, objective, instantiate(cfg.optim), instantiate(cfg.scheduler), [])
-        plain = PlainLoop(module, cfg, total, datamodule().train_dataloader())
-        timer = Alternate(plain, args.warmup, args.block, blocks * args.block)
-        run_dir = RunDir(Path(tmp) / "run")
-        logger = csv_logger(RunInfo(run_dir, "bench", {}))
-        callbacks = [*filter(None, [ratio_monitor(cfg.measure, [])]), RunState(), timer]
-        trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
-        if args.profile:
-            import cProfile
-
-            cProfile.runctx("trainer.fit(module, datamodule=data)", globals(), locals(), args.profile)
-        else:
-            trainer.fit(module, datamodule=data)
-
-    framework, plain_times = timer.framework, timer.plain_times
-    ratio = statistics.median(framework) / statistics.median(plain_times)
-    paired = statistics.median(  # each framework block against the plain block just before it
-        statistics.median(t for t, b in zip(framework, timer.framework_block, strict=True) if b == block)
-        / statistics.median(plain_times[block * args.block : (block + 1) * args.block])
-        for block in sorted(set(timer.framework_block))
-    )
-    batch = cfg.data.batch_size
+    r = measure(args.overrides, args.steps, args.warmup, args.block, profile=args.profile)
+    framework, plain_times = r["times"]["framework"], r["times"]["plain"]
     print(f"\nloop overhead | torch {torch.__version__} | lightning {L.__version__} | ", end="")
-    print(f"{torch.get_num_threads()} threads | python {sys.version.split()[0]}")
-    print(f"config: {' '.join(DEFAULT_OVERRIDES + args.overrides)}; batch {batch}, ", end="")
-    print(f"max_length {cfg.objective.max_length}, precision {cfg.trainer.precision}, ", end="")
-    print(
-        f"log_every_n_steps {cfg.trainer.log_every_n_steps}, progress bar {cfg.trainer.enable_progress_bar}"
-    )
-    print(f"params: {backbone.n_params / 1e6:.2f} M; ", end="")
+    print(f"{r['threads']} threads | python {sys.version.split()[0]}")
+    print(f"config: {' '.join(r['config'])}; batch {r['batch_size']}, ", end="")
+    print(f"max_length {r['max_length']}, precision {r['precision']}, ", end="")
+    print(f"log_every_n_steps {r['log_every_n_steps']}, progress bar {r['progress_bar']}")
+    print(f"params: {r['params'] / 1e6:.2f} M; ", end="")
     print(f"timed steps: {len(framework)} framework, {len(plain_times)} plain ", end="")
     print(f"(alternating blocks of {args.block}, after {args.warmup} warm-up steps each)")
     for name, times in (("framework", framework), ("plain", plain_times)):
@@ -206,8 +264,10 @@ def main() -> None:
         print(f"(p25 {1e3 * q[0]:.2f}, p75 {1e3 * q[2]:.2f}, mean {1e3 * statistics.fmean(times):.2f})")
     if args.every_step_metrics:
         print("training metrics computed on every step (--every-step-metrics)")
-    print(f"step-time ratio framework / plain (medians): {ratio:.4f}")
-    print(f"  median over blocks of the block-median ratio (robust to drifting load): {paired:.4f}")
+    print(f"step-time ratio framework / plain (medians): {r['ratio']:.4f}")
+    print(
+        f"  median over blocks of the block-median ratio (robust to drifting load): {r['paired_ratio']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ and without `torch.compile` of the blocks.
 Each configuration is a `LocalityModule` under the framework's Trainer (`locality.trainer.build_trainer`, the
 default callbacks), built from the composed Hydra config as `locality/train.py` builds it, with random weights
 (`model=tiny_gpt2 model.init=random` plus `model.config_overrides` for the size; the vocabulary is the tiny
-preset's 4,096 tokens, so parameter counts are below GPT-2's). A callback times every optimizer step after
-`--warmup` steps; tokens/s = tokens per step / median step time. MFU = achieved FLOP/s / the GPU's dense bf16
+preset's 4,096 tokens, so parameter counts are below GPT-2's). Every batch is `--batch-size` full-length rows of
+`--seq-len` random token ids (no padding: the offline corpus's docstrings are shorter than a GPU's sequence,
+242 tokens at most per row of 16 at max_length 512, 34% of them padding); `--corpus` trains on the run's own
+batches instead. A callback times every optimizer step after `--warmup` steps and counts the positions of
+each timed batch; tokens/s = median positions per step / median step time. MFU = achieved FLOP/s / the GPU's dense bf16
 peak, with FLOPs per token = 6 N + 12 L d T (PaLM's estimate: N parameters, L layers, d width, T sequence
 length). On a GPU: bf16-mixed, SDPA attention, fused AdamW, TF32 matmuls. On a CPU (no peak, float32) it runs
 the tiny size as a check that the script works; its numbers are not the benchmark.
@@ -31,6 +34,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from locality.assembly import assemble  # noqa: E402
 from locality.checks import preflight, validate  # noqa: E402
@@ -48,12 +52,32 @@ SIZES = {  # GPT-2 shapes: layers, width, heads
     "355m": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
 }
 PRESETS = {"smollm2": ["model=smollm2"]}  # real pretrained presets, measured as they are
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}  # dense FLOP/s
+# dense bf16 FLOP/s by a substring of torch.cuda.get_device_name(), first match wins (the PCIe and NVL H100s
+# before the SXM one, whose name is "NVIDIA H100 80GB HBM3"); NVIDIA's data sheets, without sparsity
+PEAK_BF16 = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+}
+GPU_OVERRIDES = [  # what a GPU run of these benchmarks sets
+    "trainer.accelerator=gpu",
+    "trainer.precision=bf16-mixed",
+    "trainer.deterministic=false",
+    "trainer.matmul_precision=high",
+    "optim.fused=true",
+    "model.attn_implementation=sdpa",
+]
 
 
 class StepTimer(L.Callback):
+    """Times every optimizer step after `warmup` (one batch end to the next) and counts its batch's positions."""
+
     def __init__(self, warmup: int):
-        self.warmup, self.times, self._last = warmup, [], None
+        self.warmup, self.times, self.positions, self._last = warmup, [], [], None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.device.type == "cuda":
@@ -61,25 +85,43 @@ class StepTimer(L.Callback):
         now = time.perf_counter()
         if self._last is not None and trainer.global_step > self.warmup:
             self.times.append(now - self._last)
+            self.positions.append(batch["input_ids"].numel())
         self._last = now
 
 
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
+class FullLength(Dataset):
+    """`length` rows of `seq_len` random token ids below `vocab`, every position real (clm's batch keys)."""
+
+    def __init__(self, vocab: int, seq_len: int, length: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(vocab, (length, seq_len), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[i]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def peak_flops(name: str | None = None) -> float | None:
+    """The dense bf16 peak of the GPU named `name` (default: this process's GPU), None when unknown."""
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
     return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
 
 
-def measure(size: str, control: str, compiled: bool, args) -> dict:
-    gpu = torch.cuda.is_available()
+def overrides_for(size: str, control: str, args, gpu: bool) -> list[str]:
+    """The Hydra overrides of one configuration (`measure` adds the output root)."""
     model = PRESETS.get(size) or [
         "model=tiny_gpt2",
         "model.init=random",
         *[f"++model.config_overrides.{k}={v}" for k, v in SIZES[size].items()],
         f"++model.config_overrides.n_positions={max(args.seq_len, 128)}",
     ]
-    overrides = [
+    return [
         *model,
         "objective=clm",
         f"objective.max_length={args.seq_len}",
@@ -90,20 +132,17 @@ def measure(size: str, control: str, compiled: bool, args) -> dict:
         "trainer.enable_progress_bar=false",
         "trainer.check_val_every_n_epoch=null",
         f"trainer.ckpt_every_n_steps={10**6}",
-        *(
-            [
-                "trainer.accelerator=gpu",
-                "trainer.precision=bf16-mixed",
-                "trainer.deterministic=false",
-                "trainer.matmul_precision=high",
-                "optim.fused=true",
-                "model.attn_implementation=sdpa",
-            ]
-            if gpu
-            else ["trainer.accelerator=cpu"]
-        ),
+        *(GPU_OVERRIDES if gpu else ["trainer.accelerator=cpu"]),
         *args.overrides,
     ]
+
+
+def measure(size: str, control: str, compiled: bool | str, args, gpu: bool | None = None) -> dict:
+    """One fit of `size` (a GPT-2 shape of SIZES or a preset of PRESETS); `args` holds seq_len, batch_size,
+    warmup, steps and more Hydra overrides. `gpu`: on the GPU (default: when there is one) or the CPU.
+    `compiled`: trainer.compile's value (True = inductor, or a backend name)."""
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    overrides = overrides_for(size, control, args, gpu)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = validate(compose_train([*overrides, f"outputs_root={tmp}"]))
         controls = preflight(cfg).controls
@@ -122,13 +161,19 @@ def measure(size: str, control: str, compiled: bool, args) -> dict:
         timer = StepTimer(args.warmup)
         callbacks = [*controls, *filter(None, [ratio_monitor(cfg.measure, controls)]), timer]
         trainer = build_trainer(cfg.trainer, RunDir(tmp), callbacks, False)
-        trainer.fit(module, datamodule=data)
+        if getattr(args, "corpus", False):
+            trainer.fit(module, datamodule=data)
+        else:
+            vocab = parts.backbone.model.get_input_embeddings().num_embeddings
+            rows = FullLength(vocab, args.seq_len, cfg.trainer.max_steps * args.batch_size, cfg.seed)
+            loader = DataLoader(rows, batch_size=args.batch_size, shuffle=False, pin_memory=gpu)
+            trainer.fit(module, train_dataloaders=loader)
     n_params = parts.backbone.n_params
     step_s = statistics.median(timer.times)
-    tokens = args.batch_size * args.seq_len  # padded to max_length by the packed-length texts: an upper bound
+    tokens = statistics.median(timer.positions)  # positions computed per step, padding included (--corpus)
     n_layer, width = parts.backbone.n_layers, parts.backbone.hidden_size
-    flops_per_token = 6 * n_params + 12 * n_layer * width * args.seq_len
-    peak = peak_flops()
+    flops_per_token = 6 * n_params + 12 * n_layer * width * tokens / args.batch_size
+    peak = peak_flops() if gpu else None
     return {
         "size": size,
         "control": control,
@@ -137,6 +182,9 @@ def measure(size: str, control: str, compiled: bool, args) -> dict:
         "step_ms": 1e3 * step_s,
         "tokens_per_s": tokens / step_s,
         "mfu": flops_per_token * tokens / step_s / peak if peak else None,
+        "n_layers": n_layer,
+        "hidden_size": width,
+        "tokens_per_step": tokens,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # so far in this process
     }
 
@@ -154,11 +202,17 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024 if gpu else 64)
     parser.add_argument("--warmup", type=int, default=10 if gpu else 2)
     parser.add_argument("--steps", type=int, default=40 if gpu else 5)
+    parser.add_argument(
+        "--corpus", action="store_true", help="train on the run's own (padded) batches, not full-length ones"
+    )
     parser.add_argument("overrides", nargs="*", help="more Hydra overrides")
     args = parser.parse_args()
     quiet_libraries()
     device = torch.cuda.get_device_name() if gpu else "CPU (a check of the script, not the benchmark)"
-    print(f"device: {device}; batch {args.batch_size} x {args.seq_len} tokens; median of {args.steps} steps")
+    rows = "the run's own batches, padded to their longest row" if args.corpus else "full-length random ids"
+    print(
+        f"device: {device}; batch {args.batch_size} x {args.seq_len} tokens ({rows}); median of {args.steps} steps"
+    )
     print(
         f"{'size':<8}{'control':<12}{'compile':<9}{'params M':>9}{'step ms':>10}{'tokens/s':>11}{'MFU':>7}"
         f"{'peak RSS GB':>13}"
