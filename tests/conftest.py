@@ -55,6 +55,29 @@ def train(tmp_path):
     return _train
 
 
+def RunIf(min_gpus: int = 1, bf16: bool = False):  # noqa: N802 (named like lightning-hydra-template's helper)
+    """Marks a test `gpu` and skips it unless this machine has `min_gpus` CUDA devices (and bf16 on them):
+
+        @RunIf(min_gpus=2)
+        def test_on_two_gpus(): ...
+
+    `pytest -m gpu` selects these tests; without CUDA every one is skipped, with the reason."""
+    import torch
+
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    reasons = []
+    if found < min_gpus:
+        reasons.append(f"needs {min_gpus} CUDA device{'s' if min_gpus > 1 else ''}, found {found}")
+    if bf16 and found and not torch.cuda.is_bf16_supported():
+        reasons.append("needs bf16 on the GPU")
+    skip = pytest.mark.skipif(bool(reasons), reason="; ".join(reasons) or "runs")
+
+    def mark(test):
+        return pytest.mark.gpu(skip(test))
+
+    return mark
+
+
 def double_gpt2(attn: str = "eager"):
     """A 2-block, width-16 GPT-2 LM in float64, eval mode, seeded: for checks against exact derivatives."""
     import torch
