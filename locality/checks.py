@@ -200,6 +200,7 @@ def check_components(cfg: DictConfig) -> None:
 
 def check_values(cfg: DictConfig) -> None:
     """Ranges and fixed choices of the composed config (no files read)."""
+    check_finite(cfg)
     for rule in RULES:
         value = OmegaConf.select(cfg, rule.key, default=_ABSENT)
         if value is _ABSENT:  # a key only some options of a group have (objective.mask_prob, optim.betas)
@@ -218,6 +219,23 @@ def check_values(cfg: DictConfig) -> None:
             f"scheduler.warmup={warmup:g} steps >= trainer.max_steps={cfg.trainer.max_steps}: the run would end "
             "before the learning rate reached its value. Use a fraction (e.g. scheduler.warmup=0.1) or fewer steps."
         )
+
+
+def check_finite(cfg: DictConfig) -> None:
+    """No setting is inf or nan: no option means either (an infinite L2-SP strength or learning rate turns
+    the first loss into nan; a nan threshold compares false everywhere)."""
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise UserError(f"{key}={node} is not a finite number: give a finite value.")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def _check_bootstrap(measure: DictConfig) -> None:
@@ -324,7 +342,10 @@ def preflight(cfg: DictConfig) -> Preflight:
         objective.check_task(Task(tuple(load_splits(cfg.data, n_probe=cfg.measure.n_probe).label_names)))
     check_control_combination(controls, cfg.model.dtype)
     check_sharding(cfg, controls)
+    base = check_structure(spec, config, controls)
     n_blocks = peek_n_blocks(config)
+    if base is not None and n_blocks is not None:
+        check_measurement_cost(cfg, config, base, n_blocks)
     for control in controls:
         try:
             control.check_steps(cfg.trainer.max_steps)
@@ -349,11 +370,67 @@ def check_declared_family(spec: ModelConf, config) -> None:
         )
 
 
-def check_control_combination(controls: list, dtype: str) -> None:
-    """Settings under which the equal-step control could not keep its promise (README, "The equal-step control,
-    precisely"): low-precision parameters, and LoRA, whose adapters are not the weights the ratio is about."""
-    from locality.controls import EqualStep, LoRA
+def check_structure(spec: ModelConf, config, controls: list):
+    """What the model's module tree decides, read from a skeleton on the meta device: the blocks at
+    model.blocks_path, and what each control names inside them (`Control.check_blocks`). Returns the
+    skeleton (None when transformers cannot build one from the config alone)."""
+    from locality.backbones import find_blocks, skeleton
 
+    base = skeleton(spec, config)
+    if base is None:
+        return None
+    _, blocks = find_blocks(base, spec.blocks_path)
+    for control in controls:
+        try:
+            control.check_blocks(blocks)
+        except ValueError as err:
+            raise UserError(f"control.{control.name}: {err}") from None
+    return base
+
+
+def check_measurement_cost(cfg: DictConfig, config, base, n_blocks: int) -> None:
+    """Refuse a measurement that cannot fit in this machine's memory, naming the estimate and its largest
+    part; announce an NTK that will take long (`locality.estimates`)."""
+    from locality import estimates
+
+    width = getattr(config, "hidden_size", None)
+    if not isinstance(width, int):
+        return
+    shape = estimates.Shape(width, n_blocks, sum(p.numel() for p in base.parameters()))
+    max_length = int(cfg.objective.get("max_length") or 512)
+    parts = estimates.measurement_bytes(cfg.measure, shape)
+    need, have = sum(parts.values()), estimates.available_bytes()
+    if need > have:
+        part, size = max(parts.items(), key=lambda kv: kv[1])
+        raise UserError(
+            f"The measurement needs at least {estimates.human_bytes(need)} of memory and this machine has "
+            f"{estimates.human_bytes(have)} available: {part} alone is {estimates.human_bytes(size)}. Lower "
+            "the measure.* settings in parentheses (or use fewer probe rows: measure.n_probe, "
+            "measure.token_positions)."
+        )
+    import torch
+
+    if cfg.measure.ntk and (cfg.trainer.accelerator == "cpu" or not torch.cuda.is_available()):
+        seconds = estimates.ntk_seconds(cfg.measure, shape, max_length)
+        if seconds > estimates.ANNOUNCE_AFTER_S:
+            estimates.announce(
+                f"locality: measure.ntk on {cfg.measure.ntk_examples} examples will take roughly "
+                f"{estimates.human_seconds(seconds)} on this CPU (estimated from its measured matmul rate)."
+            )
+
+
+def check_control_combination(controls: list, dtype: str) -> None:
+    """Controls that contradict each other, and settings under which the equal-step control could not keep its
+    promise (README, "The equal-step control, precisely"): low-precision parameters, and LoRA, whose
+    adapters are not the weights the ratio is about."""
+    from locality.controls import EqualStep, Freeze, LoRA
+
+    if any(isinstance(c, LoRA) for c in controls) and any(isinstance(c, Freeze) for c in controls):
+        raise UserError(
+            "control=[lora,freeze] contradicts itself: lora already freezes every pretrained weight and trains "
+            "only its adapters, which live in the blocks freeze would freeze (in one order nothing trains, in "
+            "the other freeze is undone). Choose the adapted blocks with control.lora.layers instead."
+        )
     if not any(isinstance(c, EqualStep) for c in controls):
         return
     if dtype in ("bfloat16", "float16"):

@@ -21,6 +21,7 @@ from torch import nn
 
 from locality.backbones import Backbone
 from locality.controls.base import Control
+from locality.errors import UserError
 from locality.objectives import Objective
 from locality.optim_groups import decay_split
 from locality.sharding import shard_module
@@ -135,7 +136,14 @@ class LocalityModule(L.LightningModule):
         ]
         for control in self.controls:
             groups = control.param_groups(self, groups)
-        return [g for g in groups if g["params"]]
+        groups = [g for g in groups if g["params"]]
+        if not groups:
+            names = ", ".join(c.name for c in self.controls) or "none"
+            raise UserError(
+                f"Nothing is left to train: the controls ({names}) froze every parameter. Free some (e.g. "
+                "control.freeze.bottom below the number of blocks, or control.freeze.embeddings=false)."
+            )
+        return groups
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.param_groups())

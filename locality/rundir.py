@@ -59,7 +59,7 @@ class RunDir:
         path = self.last_checkpoint()
         if path is None:
             return
-        step, problem = _checkpoint_step(Path(path))
+        step, problem = checkpoint_step(Path(path))
         if problem is None:
             problem = self._checksum_problem(Path(path))
         if problem is None:
@@ -72,7 +72,7 @@ class RunDir:
             return
         previous = self.checkpoints / "previous.ckpt"
         previous_step = (
-            _checkpoint_step(previous)[0]
+            checkpoint_step(previous)[0]
             if Path(path) != previous and previous.is_file() and self._checksum_problem(previous) is None
             else None
         )
@@ -215,7 +215,7 @@ class RunDir:
         self.failed_path.unlink(missing_ok=True)  # an earlier attempt's failure is resolved
 
 
-def _checkpoint_step(path: Path) -> tuple[int | None, str | None]:
+def checkpoint_step(path: Path) -> tuple[int | None, str | None]:
     """(global step, None) for a readable checkpoint, (None, what is wrong) otherwise. Memory-mapped: the
     tensors are not read, only the file's structure and the pickled state."""
     import torch

@@ -54,7 +54,7 @@ from locality.provenance import versions
 from locality.quiet import quiet_libraries
 from locality.results import SCHEMA, did_not_train, layer_names
 from locality.resume import RunState
-from locality.rundir import RunDir
+from locality.rundir import RunDir, checkpoint_step
 from locality.taxonomy import scale_band
 from locality.trainer import build_trainer
 
@@ -108,18 +108,28 @@ def run_in(run_dir: RunDir, cfg: DictConfig, controls: list[Control]) -> dict:
             raise SystemExit(EXIT_INTERRUPTED) from None
         storage = storage_error(error)
         if storage is not None:
-            kept = run_dir.last_checkpoint()
-            raise UserError(
-                f"The run stopped at step {attempt.step} because a file could not be written: "
-                f"{storage.filename or 'a file'}: {storage.strerror}. "
-                + (
-                    f"The last complete checkpoint is kept ({kept}); "
-                    if kept
-                    else "No checkpoint was written yet; "
-                )
-                + "free space or fix permissions, then relaunch the same command to resume."
-            ) from error
+            raise UserError(storage_message(run_dir, storage, attempt.step)) from error
         raise
+
+
+def storage_message(run_dir: RunDir, error: OSError, step: int | None) -> str:
+    """A full disk or an unwritable file: what could not be written, and which checkpoint (and step) is kept,
+    never the temporary file a checkpoint is written to first."""
+    failed = Path(error.filename) if error.filename else None
+    if failed is not None and failed.parent == run_dir.checkpoints:
+        what = f"the checkpoint of step {step}"
+    else:
+        what = str(failed) if failed is not None else "a file"
+    kept = run_dir.last_checkpoint()
+    if kept is None:
+        keeps = "No checkpoint was written yet; "
+    else:
+        kept_step, _ = checkpoint_step(Path(kept))
+        keeps = f"The checkpoint of step {kept_step} is kept ({kept}); "
+    return (
+        f"The run stopped at step {step} because {what} could not be written ({error.strerror}). {keeps}"
+        "free space or fix permissions, then relaunch the same command to resume."
+    )
 
 
 EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)

@@ -54,6 +54,8 @@ def places(tmp_path_factory) -> dict[str, str]:
     (root / "untyped").mkdir()
     (root / "untyped" / "config.json").write_text(json.dumps({"hidden_size": 8}))
     (root / "a_file").write_text("not a directory")
+    (root / "no_weights").mkdir()
+    (root / "no_weights" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     data = root / "sst2"
     data.mkdir()
     for split, n in (("train", 1500), ("validation", 100)):
@@ -72,6 +74,7 @@ def places(tmp_path_factory) -> dict[str, str]:
         "$JUNK_DIR": str(root / "junk"),
         "$UNTYPED_DIR": str(root / "untyped"),
         "$A_FILE": str(root / "a_file"),
+        "$NO_WEIGHTS_DIR": str(root / "no_weights"),
         "$SST2_JSON": f"data=sst2 data.path=json data.subset=null data.data_files={files}",
     }
 
@@ -222,3 +225,37 @@ def test_an_outputs_root_through_a_symlink_loop_is_refused(tmp_path):
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     says = answer(["model=tiny_gpt2", f"outputs_root={tmp_path / 'loop'}"], tmp_path)
     assert "cannot hold run outputs: it cannot be resolved (Symlink loop" in says
+
+
+def test_measurement_estimates_count_each_part_from_the_shape():
+    from locality import estimates
+
+    measure = OmegaConf.create(
+        {
+            "n_probe": 512,
+            "pooling": "tokens",
+            "token_positions": 8,
+            "metrics": ["cosine", "cka_debiased"],
+            "cross_layer": False,
+            "ntk": True,
+            "ntk_examples": 100,
+            "ntk_params": "blocks",
+        }
+    )
+    parts = estimates.measurement_bytes(measure, estimates.Shape(width=64, n_blocks=4, n_params=10**6))
+    rows = 512 * 8
+    assert parts == {
+        "captured features (n_probe, pooling, token_positions)": 2 * rows * 64 * 5 * 4,
+        "Gram-metric work (n_probe, pooling, token_positions)": 10 * rows**2 * 8,
+        "NTK kernels (ntk_examples)": 4 * 100**2 * 8,
+    }
+    measure.metrics = ["cosine"]
+    assert len(estimates.measurement_bytes(measure, estimates.Shape(64, 4, 10**6))) == 2  # no Gram metric
+
+
+def test_a_long_ntk_is_announced_once_before_any_work(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("locality.estimates.flops_per_second", lambda: 1e6)  # a slow machine
+    overrides = ["model=tiny_gpt2", "measure.ntk=true", "trainer.accelerator=cpu"]
+    assert answer(overrides, tmp_path) == "" and answer(overrides, tmp_path) == ""
+    said = capsys.readouterr().err
+    assert said.count("locality: measure.ntk on 32 examples will take roughly") == 1

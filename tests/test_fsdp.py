@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from locality.rundir import _checkpoint_step
+from locality.rundir import checkpoint_step
 
 NO_DROPOUT = [f"+model.config_overrides.{k}=0.0" for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")]
 RUN = [
@@ -84,8 +84,8 @@ def test_sharded_run_in_a_sweep_matches_one_process_and_resumes_from_shards(tmp_
     assert (checkpoints / "last.ckpt").is_dir() and len(
         list((checkpoints / "last.ckpt").glob("*.distcp"))
     ) == 2
-    assert _checkpoint_step(checkpoints / "last.ckpt")[0] == 6
-    assert _checkpoint_step(checkpoints / "previous.ckpt")[0] == 3
+    assert checkpoint_step(checkpoints / "last.ckpt")[0] == 6
+    assert checkpoint_step(checkpoints / "previous.ckpt")[0] == 3
 
     single = cli(*RUN, "data.batch_size=8", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-4000:]

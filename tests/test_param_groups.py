@@ -220,3 +220,21 @@ def test_marked_no_weight_decay_and_tie_order():
     decay, no_decay = decay_split(toy)
     assert list(decay) == ["conv.weight"]
     assert sorted(no_decay) == ["conv.bias", "head.weight", "proj.bias", "proj.weight", "scale"]
+
+
+def test_a_module_with_nothing_left_to_train_is_refused_by_name(splits):
+    """Whatever froze it (a custom control, a combination the checks do not know), an optimizer over no
+    parameter is a user error naming the controls, not torch's "empty parameter list"."""
+    from locality.controls.base import Control
+    from locality.errors import UserError
+
+    class FreezeAll(Control):
+        name = "freeze_all"
+
+        def configure_model(self, module) -> None:
+            module.requires_grad_(False)
+
+    module = build("tiny_gpt2", "clm", splits, controls=[FreezeAll()])
+    FreezeAll().configure_model(module)
+    with pytest.raises(UserError, match=r"Nothing is left to train: the controls \(freeze_all\) froze every"):
+        module.param_groups()

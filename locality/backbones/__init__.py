@@ -133,6 +133,18 @@ def peek_n_blocks(config) -> int | None:
     return n if isinstance(n, int) else None
 
 
+def skeleton(spec: ModelConf, config) -> nn.Module | None:
+    """The base model's module tree on the meta device (no weights read, no memory used), for checks that
+    need its structure; None when transformers cannot build it from the config alone (remote code)."""
+    from transformers import AutoModel
+
+    try:
+        with torch.device("meta"):
+            return AutoModel.from_config(config, trust_remote_code=spec.trust_remote_code).base_model
+    except Exception:  # the real load reports the reason, with the weights' context
+        return None
+
+
 def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Backbone:
     """Load (or build) the model with the head the objective needs, and find its blocks.
 
@@ -252,5 +264,6 @@ __all__ = [
     "peek_family",
     "peek_n_blocks",
     "resolve_source",
+    "skeleton",
     "weights_origin",
 ]

@@ -50,7 +50,8 @@ def resolve_source(name_or_path: str) -> tuple[str, bool]:
 
 
 def check_model_dir(path: Path, given: str) -> None:
-    """A local model directory needs a readable config.json with a model_type (weights are checked on load)."""
+    """A local model directory needs a readable config.json with a model_type, and weights in a format
+    transformers reads (their contents are checked on load)."""
     fix = (
         "Point model.name_or_path at a directory written by `model.save_pretrained(dir)` and "
         "`tokenizer.save_pretrained(dir)`."
@@ -73,6 +74,20 @@ def check_model_dir(path: Path, given: str) -> None:
             f"model.name_or_path={given!r}: {config_file} has no 'model_type', so transformers "
             f"cannot tell which architecture to build. {fix}"
         )
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        contents = sorted(p.name for p in path.iterdir())[:8]
+        raise UserError(
+            f"model.name_or_path={given!r} has a config.json but no weights (it holds {contents}; "
+            f"transformers reads {', '.join(WEIGHT_FILES)}). {fix}"
+        )
+
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _looks_like_path(name: str) -> bool:

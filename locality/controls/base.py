@@ -10,8 +10,9 @@ done from a callback, so the module asks every control for them:
 - `summary()`: numbers for results.json (e.g. the energy at LP-FT's switch).
 
 Arguments are checked twice before any work: the constructor refuses values that are wrong for every
-model (a negative rank), and `check_model(n_blocks)` refuses those wrong for this model (block 7 of 4),
-from the model's config alone, before weights are loaded (`locality.checks.preflight`).
+model (a negative rank), `check_model(n_blocks)` refuses those wrong for this model (block 7 of 4) from the
+model's config alone, and `check_blocks(blocks)` those its module tree decides (a LoRA target no block has),
+on a skeleton without weights; all before weights are loaded (`locality.checks.preflight`).
 
 `configure_model` runs before Lightning restores a checkpoint, so anything captured there (e.g. the
 pretrained anchor of L2-SP) is the pretrained state even when a run resumes.
@@ -66,6 +67,10 @@ class Control(Callback):
 
     def check_model(self, n_blocks: int) -> None:
         """Raise ValueError if an argument does not fit a model with `n_blocks` blocks (before it is loaded)."""
+
+    def check_blocks(self, blocks: nn.ModuleList) -> None:
+        """Raise ValueError if an argument names something the blocks do not have (a LoRA target). The
+        blocks are a skeleton on the meta device: their structure is real, their weights are not."""
 
     def check_steps(self, max_steps: int) -> None:
         """Raise ValueError if an argument leaves nothing of a run of `max_steps` optimizer steps to train."""

@@ -48,25 +48,28 @@ class LoRA(Control):
                 f"(0..{n_blocks - 1}, or -1..-{n_blocks} from the top)."
             )
 
+    def check_blocks(self, blocks: nn.ModuleList) -> None:
+        self._chosen(blocks)
+
+    def _chosen(self, blocks: nn.ModuleList) -> list[nn.Module]:
+        """The linear layers to adapt, inside the chosen blocks; every target must name one of them."""
+        n_blocks = len(blocks)
+        self.check_model(n_blocks)
+        layers = range(n_blocks) if self.layers is None else sorted({i % n_blocks for i in self.layers})
+        linears = [(name, sub) for i in layers for name, sub in blocks[i].named_modules() if _is_linear(sub)]
+        found = {name.split(".")[-1] for name, _ in linears}
+        missing = [t for t in self.targets or [] if t not in found]
+        if missing or not linears:
+            raise ValueError(
+                f"lora targets {missing or self.targets} name no linear layer of blocks {list(layers)}; their "
+                f"linear layers are: {', '.join(sorted(found)) or 'none'} (targets match the last part of a name)."
+            )
+        return [sub for name, sub in linears if self.targets is None or name.split(".")[-1] in self.targets]
+
     def _target_names(self, module) -> list[str]:
         """Full names (relative to the HF model) of the linear layers to adapt, inside the chosen blocks."""
         names = {id(m): n for n, m in module.model.named_modules()}
-        n_blocks = len(module.blocks)
-        self.check_model(n_blocks)
-        layers = range(n_blocks) if self.layers is None else [i % n_blocks for i in self.layers]
-        chosen = []
-        for i in layers:
-            for sub_name, sub in module.blocks[i].named_modules():
-                if not isinstance(sub, nn.Linear | Conv1D):
-                    continue
-                if self.targets is None or sub_name.split(".")[-1] in self.targets:
-                    chosen.append(names[id(sub)])
-        if not chosen:
-            raise ValueError(
-                f"lora: no linear layer named {self.targets} in blocks {list(layers)}. Linear layers "
-                f"of block 0: {[n for n, m in module.blocks[0].named_modules() if isinstance(m, nn.Linear | Conv1D)]}"
-            )
-        return chosen
+        return [names[id(sub)] for sub in self._chosen(module.blocks)]
 
     def configure_model(self, module) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -81,3 +84,7 @@ class LoRA(Control):
 
     def summary(self) -> dict:
         return {"rank": self.rank, "alpha": self.alpha, "adapted_modules": len(self.adapted)}
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear | Conv1D)
