@@ -335,12 +335,13 @@ def preflight(cfg: DictConfig) -> Preflight:
     check_declared_family(spec, config)
     objective = objective_class(cfg.objective, family=family)
     objective.check_family(family, config)
+    check_head(spec, config, objective.head_kind)
     if cfg.data.source == "builtin":  # built-in data is read in milliseconds: its sizes and labels now
         from locality.data.sources import load_splits
         from locality.objectives.base import Task
 
         objective.check_task(Task(tuple(load_splits(cfg.data, n_probe=cfg.measure.n_probe).label_names)))
-    check_control_combination(controls, cfg.model.dtype)
+    check_control_combination(controls, parameter_dtype(cfg))
     check_sharding(cfg, controls)
     base = check_structure(spec, config, controls)
     n_blocks = peek_n_blocks(config)
@@ -354,6 +355,18 @@ def preflight(cfg: DictConfig) -> Preflight:
         except ValueError as err:
             raise UserError(f"control.{control.name}: {err}") from None
     return Preflight(controls, n_blocks, family)
+
+
+def check_head(spec: ModelConf, config, head) -> None:
+    """A pretrained checkpoint in a local directory (or a bundled package) must hold the LM head an LM
+    objective reuses; read from its safetensors header, before any weight is loaded."""
+    from locality.backbones import GGUF_BUNDLES, check_pretrained_head, resolve_source
+
+    if spec.arch is not None or spec.name_or_path is None or spec.name_or_path in GGUF_BUNDLES:
+        return  # a GGUF model is converted on first load, never by a check (it ships its head)
+    path, local = resolve_source(spec.name_or_path)
+    if local and Path(path).is_dir():
+        check_pretrained_head(spec, config, Path(path), head)
 
 
 def check_declared_family(spec: ModelConf, config) -> None:
@@ -419,6 +432,14 @@ def check_measurement_cost(cfg: DictConfig, config, base, n_blocks: int) -> None
             )
 
 
+TRUE_PRECISIONS = {"bf16-true": "bfloat16", "bf16": "bfloat16", "16-true": "float16", "16": "float16"}
+
+
+def parameter_dtype(cfg: DictConfig) -> str:
+    """The dtype the parameters train in: model.dtype, unless a `-true` precision casts them."""
+    return TRUE_PRECISIONS.get(str(cfg.trainer.precision), cfg.model.dtype)
+
+
 def check_control_combination(controls: list, dtype: str) -> None:
     """Controls that contradict each other, and settings under which the equal-step control could not keep its
     promise (README, "The equal-step control, precisely"): low-precision parameters, and LoRA, whose
@@ -435,7 +456,8 @@ def check_control_combination(controls: list, dtype: str) -> None:
         return
     if dtype in ("bfloat16", "float16"):
         raise UserError(
-            f"control equal_step with model.dtype={dtype}: rounding each updated weight to {dtype} "
+            f"control equal_step with {dtype} parameters (model.dtype or a -true trainer.precision): rounding "
+            f"each updated weight to {dtype} "
             "undoes the rescale (a max/min spread of 1.3-1.8 per step instead of 1.000001). Keep "
             "float32 parameters and compute in bf16: model.dtype=float32 trainer.precision=bf16-mixed."
         )
@@ -451,7 +473,15 @@ def check_control_combination(controls: list, dtype: str) -> None:
 def check_sharding(cfg: DictConfig, controls: list) -> None:
     """FSDP2 (`trainer=fsdp`, any ModelParallelStrategy): what is not supported on DTensor shards is refused
     here, not after the model is loaded; Lightning's FSDP1 (`strategy=fsdp`) is pointed to trainer=fsdp."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
     strategy = cfg.trainer.get("strategy")
+    known = ("auto", *StrategyRegistry.available_strategies())
+    if isinstance(strategy, str) and strategy not in known:
+        raise UserError(
+            f"trainer.strategy={strategy!r} is not a Lightning strategy; choose one of: {', '.join(known)}, "
+            "or trainer=fsdp."
+        )
     if isinstance(strategy, str) and strategy.startswith("fsdp"):
         raise UserError(
             f"trainer.strategy={strategy} is Lightning's FSDP1, whose flat parameters split blocks across ranks "

@@ -35,6 +35,7 @@ from locality.backbones.gguf import GGUF_BUNDLES
 from locality.backbones.hf import AUTO_CLASSES, HeadKind, no_cache, token_ids
 from locality.backbones.parts import PART_ORDER, classify_parts
 from locality.backbones.pretrained import pretrained_checkpoint
+from locality.backbones.skeleton import check_pretrained_head, skeleton
 from locality.backbones.sources import BUNDLED, check_hub_access, resolve_source, weights_origin
 from locality.backbones.tokenizer import load_tokenizer
 from locality.config import ModelConf
@@ -131,18 +132,6 @@ def peek_n_blocks(config) -> int | None:
     """The number of residual blocks a config declares (None when it does not say)."""
     n = getattr(config, "num_hidden_layers", None)
     return n if isinstance(n, int) else None
-
-
-def skeleton(spec: ModelConf, config) -> nn.Module | None:
-    """The base model's module tree on the meta device (no weights read, no memory used), for checks that
-    need its structure; None when transformers cannot build it from the config alone (remote code)."""
-    from transformers import AutoModel
-
-    try:
-        with torch.device("meta"):
-            return AutoModel.from_config(config, trust_remote_code=spec.trust_remote_code).base_model
-    except Exception:  # the real load reports the reason, with the weights' context
-        return None
 
 
 def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Backbone:
@@ -247,12 +236,14 @@ def _refuse_random_head(spec: ModelConf, model: PreTrainedModel, missing: list[s
 __all__ = [
     "AUTO_CLASSES",
     "BUNDLED",
+    "GGUF_BUNDLES",
     "PART_ORDER",
     "Backbone",
     "BlockType",
     "Family",
     "HeadKind",
     "block_type_of",
+    "check_pretrained_head",
     "check_hub_access",
     "classify_parts",
     "family_of",
