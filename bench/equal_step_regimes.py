@@ -21,8 +21,8 @@ import argparse
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from locality.measure.lora_ratios import MergedLoRARatios
-from locality.measure.update_core import EqualStepCore, spread
+from locality.controls.lora_ratios import MergedLoRARatios
+from locality.controls.update_core import EqualStepCore, spread
 
 
 def model(dtype: torch.dtype, seed: int = 0) -> GPT2LMHeadModel:

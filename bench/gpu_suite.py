@@ -206,8 +206,8 @@ def mfu_figure(compiled: bool) -> Callable[[Context], dict]:
 
 def fig_smollm2(ctx: Context) -> dict:
     from locality.backbones.gguf import GGUF_BUNDLES
-    from locality.checks import preflight, validate
-    from locality.config import compose_train
+    from locality.core.config import compose_train
+    from locality.run.checks import preflight, validate
 
     if GGUF_BUNDLES[SMOLLM2].file() is None:
         raise Skip(
@@ -399,7 +399,7 @@ def run_figure(figure: Figure, ctx: Context, deadline: float | None) -> dict:
 
 
 def versions() -> dict:
-    from locality.provenance import versions as package_versions
+    from locality.core.provenance import versions as package_versions
 
     found = dict(package_versions())
     found["cuda"] = torch.version.cuda
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         "--peak-tflops", type=float, help="the GPU's dense bf16 peak, for a GPU not in the table"
     )
     args = parser.parse_args(argv)
-    from locality.quiet import quiet_libraries
+    from locality.core.quiet import quiet_libraries
 
     quiet_libraries()
     if args.dry_run:

@@ -2,7 +2,7 @@
 
 The framework side is built as `locality/train.py` builds it: the composed Hydra config (`conf/train.yaml`
 plus the overrides below), the objective, AdamW with its decay groups, the warmup-decay schedule,
-`LocalityModule`, and `locality.trainer.build_trainer` with the default callbacks (non-finite-loss stop, the
+`LocalityModule`, and `locality.run.trainer.build_trainer` with the default callbacks (non-finite-loss stop, the
 update-ratio monitor, checkpointing every `trainer.ckpt_every_n_steps`, the run-state callback, the progress
 bar and logging cadence of `conf/trainer/default.yaml`, the CSV logger W&B falls back to when it is not
 installed). The plain side is a deep copy of the same module, with the same weights, fed the same batches (a
@@ -44,16 +44,16 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from locality.assembly import assemble  # noqa: E402
 from locality.backbones import no_cache  # noqa: E402
-from locality.config import compose_train  # noqa: E402
+from locality.core.config import compose_train  # noqa: E402
 from locality.data.datamodule import LocalityDataModule  # noqa: E402
-from locality.loggers import RunInfo, csv_logger  # noqa: E402
-from locality.module import LocalityModule  # noqa: E402
-from locality.resume import RunState  # noqa: E402
-from locality.rundir import RunDir  # noqa: E402
+from locality.run.assembly import assemble  # noqa: E402
+from locality.run.loggers import RunInfo, csv_logger  # noqa: E402
+from locality.run.module import LocalityModule  # noqa: E402
+from locality.run.resume import RunState  # noqa: E402
+from locality.run.rundir import RunDir  # noqa: E402
+from locality.run.trainer import build_trainer  # noqa: E402
 from locality.train import ratio_monitor  # noqa: E402
-from locality.trainer import build_trainer  # noqa: E402
 
 DEFAULT_OVERRIDES = ["model=tiny_gpt2", "model.init=random", "objective=clm", "control=standard"]
 

@@ -35,16 +35,16 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 
-from locality.assembly import assemble  # noqa: E402
-from locality.config import compose_train  # noqa: E402
+from locality.core.config import compose_train  # noqa: E402
 from locality.data.datamodule import LocalityDataModule  # noqa: E402
-from locality.measure.callback import ProfileMeasurement  # noqa: E402
-from locality.measure.depth import DepthProfiler  # noqa: E402
-from locality.module import LocalityModule  # noqa: E402
-from locality.resume import RunState  # noqa: E402
-from locality.rundir import RunDir  # noqa: E402
+from locality.instrument.callback import ProfileMeasurement  # noqa: E402
+from locality.instrument.depth import DepthProfiler  # noqa: E402
+from locality.run.assembly import assemble  # noqa: E402
+from locality.run.module import LocalityModule  # noqa: E402
+from locality.run.resume import RunState  # noqa: E402
+from locality.run.rundir import RunDir  # noqa: E402
+from locality.run.trainer import build_trainer  # noqa: E402
 from locality.train import ratio_monitor  # noqa: E402
-from locality.trainer import build_trainer  # noqa: E402
 
 RUN_STEPS = 1000
 

@@ -1,7 +1,7 @@
 """Training throughput of the framework: tokens/s and MFU for GPT-2-shaped models, standard vs equal-step, with
 and without `torch.compile` of the blocks.
 
-Each configuration is a `LocalityModule` under the framework's Trainer (`locality.trainer.build_trainer`, the
+Each configuration is a `LocalityModule` under the framework's Trainer (`locality.run.trainer.build_trainer`, the
 default callbacks), built from the composed Hydra config as `locality/train.py` builds it, with random weights
 (`model=tiny_gpt2 model.init=random` plus `model.config_overrides` for the size; the vocabulary is the tiny
 preset's 4,096 tokens, so parameter counts are below GPT-2's). Every batch is `--batch-size` full-length rows of
@@ -36,15 +36,15 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from locality.assembly import assemble  # noqa: E402
-from locality.checks import preflight, validate  # noqa: E402
-from locality.config import compose_train  # noqa: E402
+from locality.core.config import compose_train  # noqa: E402
+from locality.core.quiet import quiet_libraries  # noqa: E402
 from locality.data.datamodule import LocalityDataModule  # noqa: E402
-from locality.module import LocalityModule  # noqa: E402
-from locality.quiet import quiet_libraries  # noqa: E402
-from locality.rundir import RunDir  # noqa: E402
+from locality.run.assembly import assemble  # noqa: E402
+from locality.run.checks import preflight, validate  # noqa: E402
+from locality.run.module import LocalityModule  # noqa: E402
+from locality.run.rundir import RunDir  # noqa: E402
+from locality.run.trainer import build_trainer  # noqa: E402
 from locality.train import ratio_monitor  # noqa: E402
-from locality.trainer import build_trainer  # noqa: E402
 
 SIZES = {  # GPT-2 shapes: layers, width, heads
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},

@@ -20,8 +20,8 @@ import pandas as pd
 from locality.analysis import figures, tables
 from locality.analysis.aggregate import dynamics_table, inventory, layers_table, runs_table
 from locality.analysis.summary import summary_markdown
-from locality.errors import EXIT_USER_ERROR
-from locality.results import Results
+from locality.core.errors import EXIT_USER_ERROR
+from locality.core.results import Results
 
 DEFAULT_METRICS = ("cosine_tokens", "cosine", "cka_linear")  # the paper's measure first
 

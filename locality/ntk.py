@@ -22,7 +22,7 @@ part of the run's identity), replacing an earlier ntk.json.
 `ntk.select=k` picks k blocks for LoRA: greedy forward selection, each step adding the block whose kernel
 raises lambda_min of (the kernel of the non-block trainable parameters, e.g. a new head, + the blocks chosen
 so far) the most (ties to the larger trace), and prints the `control.lora.layers=[...]` override.
-A training run takes the same profile with `measure.ntk=true` (`locality.measure.ntk_profile`).
+A training run takes the same profile with `measure.ntk=true` (`locality.instrument.ntk_profile`).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from pathlib import Path
 
 import torch
 
-from locality.errors import UserError
+from locality.core.errors import UserError
+from locality.instrument.ntk_profile import PARAMS, format_summary, ntk_profile
 from locality.measure.ntk import (
     DEFAULT_BUDGET,
     METHODS,
 )
-from locality.measure.ntk_profile import PARAMS, format_summary, ntk_profile
 
 
 @dataclass
@@ -61,7 +61,7 @@ def compose_config(overrides: list[str]):
     """The training config (as `locality.train` composes it) and the `ntk` settings, apart."""
     from omegaconf import OmegaConf
 
-    from locality.config import compose_train
+    from locality.core.config import compose_train
 
     register()
     cfg = compose_train(["+ntk=default", *overrides])
@@ -83,9 +83,9 @@ def build_module(cfg):
     """Data, backbone, objective, controls and module, exactly as `locality.train` builds them."""
     from hydra.utils import instantiate
 
-    from locality.assembly import assemble
-    from locality.checks import preflight, validate
-    from locality.module import LocalityModule
+    from locality.run.assembly import assemble
+    from locality.run.checks import preflight, validate
+    from locality.run.module import LocalityModule
 
     cfg = validate(cfg)
     controls = preflight(cfg).controls
@@ -99,10 +99,10 @@ def build_module(cfg):
 def main(argv: list[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
-    from locality.errors import EXIT_USER_ERROR, report
-    from locality.identity import run_name
-    from locality.quiet import quiet_libraries
-    from locality.rundir import write_json_atomic
+    from locality.core.errors import EXIT_USER_ERROR, report
+    from locality.core.identity import run_name
+    from locality.core.integrity import write_json_atomic
+    from locality.core.quiet import quiet_libraries
 
     overrides = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in overrides):

@@ -19,12 +19,12 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import OverrideType
 from omegaconf import DictConfig, OmegaConf
 
-from locality.checks import validate
-from locality.config import ModelConf, register_resolvers
-from locality.errors import EXIT_USER_ERROR, UserError, report
-from locality.identity import control_name
-from locality.paths import conf_dir
-from locality.sweep import expand, override_lists
+from locality.core.config import ModelConf, register_resolvers
+from locality.core.errors import EXIT_USER_ERROR, UserError, report
+from locality.core.identity import control_name
+from locality.core.paths import conf_dir
+from locality.run.checks import validate
+from locality.run.sweep import expand, override_lists
 
 
 @dataclass

@@ -10,10 +10,10 @@ import sys
 
 from locality.backbones import load_tokenizer, peek_family
 from locality.backbones.pretrained import pretrained_checkpoint, summary_line
-from locality.checks import validate
-from locality.config import ModelConf, compose_train
-from locality.errors import EXIT_USER_ERROR, UserError, report
-from locality.quiet import quiet_libraries
+from locality.core.config import ModelConf, compose_train
+from locality.core.errors import EXIT_USER_ERROR, UserError, report
+from locality.core.quiet import quiet_libraries
+from locality.run.checks import validate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Read top to bottom: resolve the run directory, load the data and then the backbone, build the objective,
 controls, measurement and trainer, fit, validate, write results.json last. Measurement is a callback
-(`locality.measure.callback`): before training on the pretrained weights, after it on the fine-tuned ones,
+(`locality.instrument.callback`): before training on the pretrained weights, after it on the fine-tuned ones,
 where training runs (the trainer's device and precision); in a multi-process run every rank trains and
 measures, and rank zero alone writes files and prints.
 """
@@ -13,8 +13,8 @@ import sys
 
 import hydra
 
-from locality.config import register_resolvers
-from locality.paths import conf_dir
+from locality.core.config import register_resolvers
+from locality.core.paths import conf_dir
 
 register_resolvers()
 HYDRA_MAIN = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
@@ -32,31 +32,31 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from locality.assembly import assemble
-from locality.checks import preflight, validate
-from locality.components import instantiate_component
-from locality.config import to_plain
+from locality.analysis.cross_layer import save_cross_layer
 from locality.controls import Control
+from locality.controls.update_ratios import UpdateRatioMonitor
+from locality.core.components import instantiate_component
+from locality.core.config import to_plain
+from locality.core.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
+from locality.core.identity import config_hash, control_name, setting_hash
+from locality.core.provenance import versions
+from locality.core.quiet import quiet_libraries
+from locality.core.results import SCHEMA, did_not_train, layer_names
+from locality.core.taxonomy import scale_band
 from locality.data.datamodule import LocalityDataModule
-from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
-from locality.faults import storage_error
-from locality.identity import config_hash, control_name, setting_hash
-from locality.launch import children_run_this_job
-from locality.loggers import RunInfo, finish_wandb
-from locality.measure.callback import ProfileMeasurement
-from locality.measure.cross_layer import save_cross_layer
-from locality.measure.depth import DepthProfiler
-from locality.measure.drop_top import evaluate_dropping_top
-from locality.measure.report import format_profile, log_profile
-from locality.measure.update_ratios import UpdateRatioMonitor
-from locality.module import LocalityModule
-from locality.provenance import versions
-from locality.quiet import quiet_libraries
-from locality.results import SCHEMA, did_not_train, layer_names
-from locality.resume import RunState
-from locality.rundir import RunDir, checkpoint_step
-from locality.taxonomy import scale_band
-from locality.trainer import build_trainer
+from locality.instrument.callback import ProfileMeasurement
+from locality.instrument.depth import DepthProfiler
+from locality.instrument.drop_top import evaluate_dropping_top
+from locality.instrument.report import format_profile, log_profile
+from locality.run.assembly import assemble
+from locality.run.checks import preflight, validate
+from locality.run.faults import storage_error
+from locality.run.launch import children_run_this_job
+from locality.run.loggers import RunInfo, finish_wandb
+from locality.run.module import LocalityModule
+from locality.run.resume import RunState
+from locality.run.rundir import RunDir, checkpoint_step
+from locality.run.trainer import build_trainer
 
 
 def run(cfg: DictConfig) -> dict:

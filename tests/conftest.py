@@ -39,7 +39,7 @@ def train(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write
 
-    from locality.paths import conf_dir
+    from locality.core.paths import conf_dir
     from locality.train import run
 
     def _train(*overrides: str, fast: bool = True) -> dict:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from locality.backbones import find_blocks, load_backbone, resolve_source
-from locality.config import ModelConf, load_option
-from locality.errors import UserError
+from locality.core.config import ModelConf, load_option
+from locality.core.errors import UserError
 
 EXPECTED = {  # preset: (family, block_type, n_layers, blocks_path)
     "tiny_gpt2": ("decoder", "sequential", 4, "h"),

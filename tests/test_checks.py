@@ -21,11 +21,11 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from locality.checks import min_bootstrap, preflight, validate
-from locality.config import register_resolvers
+from locality.core.config import register_resolvers
+from locality.core.errors import UserError
+from locality.core.paths import conf_dir
 from locality.data.sources import load_splits
-from locality.errors import UserError
-from locality.paths import conf_dir
+from locality.run.checks import min_bootstrap, preflight, validate
 
 README = Path(__file__).parents[1] / "README.md"
 register_resolvers()  # the group schemas and ${run_name:}, as `locality.train` registers them
@@ -228,7 +228,7 @@ def test_an_outputs_root_through_a_symlink_loop_is_refused(tmp_path):
 
 
 def test_measurement_estimates_count_each_part_from_the_shape():
-    from locality import estimates
+    from locality.core import estimates
 
     measure = OmegaConf.create(
         {
@@ -254,7 +254,7 @@ def test_measurement_estimates_count_each_part_from_the_shape():
 
 
 def test_a_long_ntk_is_announced_once_before_any_work(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("locality.estimates.flops_per_second", lambda: 1e6)  # a slow machine
+    monkeypatch.setattr("locality.core.estimates.flops_per_second", lambda: 1e6)  # a slow machine
     overrides = ["model=tiny_gpt2", "measure.ntk=true", "trainer.accelerator=cpu"]
     assert answer(overrides, tmp_path) == "" and answer(overrides, tmp_path) == ""
     said = capsys.readouterr().err

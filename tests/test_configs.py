@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from locality.checks import validate
-from locality.config import register_resolvers
-from locality.paths import conf_dir, model_presets
+from locality.core.config import register_resolvers
+from locality.core.paths import conf_dir, model_presets
 from locality.plan import plan
+from locality.run.checks import validate
 
 register_resolvers()
 GROUPS = ["model", "objective", "control", "data", "optim", "scheduler", "trainer", "measure", "logger"]
@@ -75,7 +75,7 @@ def test_every_optimizer_option_builds_an_optimizer_that_steps(option):
     import torch
     from hydra.utils import instantiate
 
-    from locality.config import load_option
+    from locality.core.config import load_option
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = instantiate(load_option("optim", option))([{"params": [weight], "weight_decay": 0.0}])

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from locality.config import load_option
+from locality.core.config import load_option
+from locality.core.errors import UserError
 from locality.data.corpus import TOPIC_PACKAGES, stdlib_docstrings
 from locality.data.sources import load_builtin, load_splits
 from locality.data.wordclass import TAGS, tag_spans
-from locality.errors import UserError
 
 
 def test_stdlib_docs_is_a_15_way_topic_task_without_duplicates():

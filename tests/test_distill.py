@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from locality.backbones import load_backbone
-from locality.config import ModelConf, load_option
-from locality.errors import UserError
+from locality.core.config import ModelConf, load_option
+from locality.core.errors import UserError
 from locality.objectives.base import Task
 from locality.objectives.distill import Distill
 

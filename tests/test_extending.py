@@ -18,7 +18,7 @@ from torch import nn
 
 from locality.backbones import no_cache
 from locality.objectives import Objective, StepOutput
-from locality.pooling import pool
+from locality.core.pooling import pool
 
 
 class WordParity(Objective):

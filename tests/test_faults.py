@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from locality.controls.base import Control
-from locality.faults import NonFiniteLoss
+from locality.run.faults import NonFiniteLoss
 
 
 class NaNAfter(Control):
@@ -102,7 +102,7 @@ def test_a_full_disk_mid_run_is_one_clear_error_and_keeps_the_last_checkpoint(tr
 
     from lightning.fabric.plugins.io import torch_io
 
-    from locality.errors import UserError
+    from locality.core.errors import UserError
 
     real_save, writes = torch_io._atomic_save, []
 

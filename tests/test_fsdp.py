@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from locality.rundir import checkpoint_step
+from locality.run.rundir import checkpoint_step
 
 NO_DROPOUT = [f"+model.config_overrides.{k}=0.0" for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")]
 RUN = [
@@ -115,9 +115,9 @@ def test_sharded_run_in_a_sweep_matches_one_process_and_resumes_from_shards(tmp_
 
 def test_what_sharding_does_not_support_is_refused_before_any_work(tmp_path):
     """All at once, in one paragraph, from the config alone (the CLI path to exit 2 is tests/test_checks.py's)."""
-    from locality.checks import preflight, validate
-    from locality.config import compose_train
-    from locality.errors import UserError
+    from locality.core.config import compose_train
+    from locality.core.errors import UserError
+    from locality.run.checks import preflight, validate
 
     refused = ["control=l2sp", "measure.ntk=true", "measure.drop_top_k=1", "model.dtype=bfloat16"]
     cfg = validate(compose_train([*RUN, *SHARDED, *refused, f"outputs_root={tmp_path}"]))
@@ -189,7 +189,7 @@ def test_causal_lm_shards_with_a_tied_and_an_untied_head(tmp_path, model, tied):
     """GPT-2's LM head is the input embedding (one FSDP unit with it); Pythia's embed_out is its own weight."""
     from transformers import AutoConfig
 
-    from locality.config import load_option
+    from locality.core.config import load_option
 
     spec = load_option("model", model)
     assert AutoConfig.for_model(spec.arch, **spec.config_overrides).tie_word_embeddings == tied
@@ -212,8 +212,8 @@ def test_a_tied_lm_head_is_detected_for_the_sharding_plan():
     import torch
 
     from locality.backbones import load_backbone
-    from locality.config import ModelConf, load_option
-    from locality.sharding import ties_outside
+    from locality.core.config import ModelConf, load_option
+    from locality.run.sharding import ties_outside
 
     for name, tied in (("tiny_gpt2", True), ("tiny_pythia", False)):
         spec = ModelConf(**{**load_option("model", name), "init": "random"})

@@ -13,8 +13,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from locality.backbones import gguf, load_backbone, peek_config
 from locality.backbones.gguf import GGUF_BUNDLES, GGUFBundle, converted_dir, entry_is_intact
-from locality.config import ModelConf
-from locality.errors import UserError
+from locality.core.config import ModelConf
+from locality.core.errors import UserError
 
 HUB_ID = "test-org/fake-llama"
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4}

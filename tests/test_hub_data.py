@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from locality.config import load_option
+from locality.core.config import load_option
+from locality.core.errors import UserError
 from locality.data.sources import load_builtin, load_splits
-from locality.errors import UserError
 
 SST2_TRAIN, SST2_VALIDATION = 67_349, 872  # GLUE SST-2's real split sizes
 

@@ -6,12 +6,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from locality.checks import validate
-from locality.config import register_resolvers
-from locality.errors import UserError
-from locality.identity import NON_RESULT_KEYS, changed_keys, config_hash, result_config
-from locality.paths import conf_dir
-from locality.rundir import RunDir
+from locality.core.config import register_resolvers
+from locality.core.errors import UserError
+from locality.core.identity import NON_RESULT_KEYS, changed_keys, config_hash, result_config
+from locality.core.paths import conf_dir
+from locality.run.checks import validate
+from locality.run.rundir import RunDir
 
 register_resolvers()
 
@@ -123,9 +123,9 @@ def test_relaunching_a_directory_with_another_config_exits_2(train, tmp_path):
 
 
 def test_wandb_run_id_follows_the_directory_and_sweeps_share_a_group(tmp_path):
-    from locality.components import instantiate_component
-    from locality.config import load_option
-    from locality.loggers import RunInfo, finish_wandb
+    from locality.core.components import instantiate_component
+    from locality.core.config import load_option
+    from locality.run.loggers import RunInfo, finish_wandb
 
     run = RunDir(tmp_path / "gpt2-cls-equal_step-s3-0123abcd")
     info = RunInfo(
@@ -187,11 +187,11 @@ def test_a_damaged_results_json_is_refused_with_the_way_out_and_force_reruns(tra
         results.unlink()
         results.mkdir()
     else:
-        results.write_text(json.dumps({**good, "schema": "locality.results/0"}))
+        results.write_text(json.dumps({**good, "schema": "locality.core.results/0"}))
     with pytest.raises(UserError, match=r"results.json is damaged .* force=true"):
         train(*args)
     assert train(*args, "force=true")["run"]["config_hash"] == good["run"]["config_hash"]
-    assert json.loads(results.read_text())["schema"] == "locality.results/1"
+    assert json.loads(results.read_text())["schema"] == "locality.core.results/1"
 
 
 def test_keep_checkpoint_none_deletes_the_checkpoints_once_the_run_is_complete(train, tmp_path):

@@ -9,9 +9,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 
-from locality.config import register_resolvers
-from locality.launch import children_run_this_job
-from locality.paths import conf_dir
+from locality.core.config import register_resolvers
+from locality.core.paths import conf_dir
+from locality.run.launch import children_run_this_job
 
 
 def hydra_job(tmp_path, mode: RunMode) -> None:

@@ -13,40 +13,27 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "locality"
 
-# The first matching prefix decides a module's layer (1 = bottom).
-LAYERS = [
-    ("locality.measure.update_ratios", 4),
-    ("locality.measure.callback", 4),
-    ("locality.measure.update_core", 3),
-    ("locality.measure.lora_ratios", 3),
-    ("locality.measure.ntk_profile", 4),
-    ("locality.measure", 3),
-    ("locality.controls", 4),
-    ("locality.backbones", 2),
-    ("locality.data", 2),
-    ("locality.objectives", 3),
-    ("locality.analysis", 5),
-    *[
-        (f"locality.{name}", 1)
-        for name in (
-            "errors",
-            "paths",
-            "identity",
-            "config",
-            "taxonomy",
-            "quiet",
-            "provenance",
-            "pooling",
-            "optim_groups",
-            "components",
-            "results",
-        )
-    ],
-    *[(f"locality.{name}", 3) for name in ("schedules", "rundir", "resume", "faults", "sharding")],
-    *[(f"locality.{name}", 4) for name in ("module", "checks", "loggers", "trainer", "assembly", "launch")],
-    *[(f"locality.{name}", 5) for name in ("train", "pretrain", "ntk", "plan", "sweep", "analyze")],
-    ("locality", 1),  # the package's own __init__
-]
+# One row per folder, bottom (1) to top: a module's layer is its folder's. The package root holds the command
+# lines (train, analyze, plan, pretrain, ntk), above everything; its __init__ is at the bottom.
+FOLDERS = {
+    "core": 1,
+    "backbones": 2,
+    "data": 2,
+    "objectives": 3,
+    "measure": 4,
+    "controls": 5,
+    "instrument": 6,
+    "run": 7,
+    "analysis": 8,
+}
+COMMANDS = 9
+
+
+def test_every_folder_has_a_layer_and_the_root_holds_only_commands():
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(FOLDERS), "a folder without a layer (or a layer without a folder)"
+    root = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert root == {"train", "analyze", "plan", "pretrain", "ntk"}, "the package root is for command lines"
 
 
 def modules() -> dict[str, Path]:
@@ -85,7 +72,10 @@ def _packages(module: str) -> list[str]:
 
 
 def layer(module: str) -> int:
-    return next(rank for prefix, rank in LAYERS if module == prefix or module.startswith(prefix + "."))
+    parts = module.split(".")
+    if len(parts) == 1:
+        return 1  # the package's own __init__
+    return FOLDERS[parts[1]] if parts[1] in FOLDERS else COMMANDS
 
 
 def test_no_import_cycle():
@@ -107,7 +97,7 @@ def test_every_import_goes_down_or_sideways():
 
 def test_validating_a_config_imports_no_torch():
     code = (
-        "import sys, locality.config, locality.identity, locality.components;"
+        "import sys, locality.core.config, locality.core.identity, locality.core.components;"
         "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'torchmetrics') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -124,3 +114,19 @@ def test_a_cycle_is_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
     with pytest.raises(pytest.fail.Exception, match="import cycle"):
         test_no_import_cycle()
+
+
+def test_an_upward_import_is_caught(tmp_path, monkeypatch):
+    """The layer check itself can fail: a module in core/ importing one in run/ inside a function."""
+    package = tmp_path / "locality"
+    for folder in FOLDERS:
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "core" / "errors.py").write_text("def f():\n    from locality.run.rundir import RunDir\n")
+    (package / "run" / "rundir.py").write_text("class RunDir: ...\n")
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", package)
+    with pytest.raises(
+        AssertionError, match=r"locality.core.errors \(layer 1\) imports locality.run.rundir \(layer 7\)"
+    ):
+        test_every_import_goes_down_or_sideways()

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from locality.controls.lp_ft import LPFT
-from locality.module import LocalityModule
+from locality.run.module import LocalityModule
 
 
 def test_train_metrics_are_computed_on_logged_steps_and_logged_there(train, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from locality.measure.ntk_profile import ObjectiveOutputs
+from locality.instrument.ntk_profile import ObjectiveOutputs
 from locality.ntk import main
 
 FAST = ["logger=none", "objective.max_length=16", "data.n_validation=8", "measure.n_probe=8"]
@@ -20,8 +20,8 @@ FAST = ["logger=none", "objective.max_length=16", "data.n_validation=8", "measur
 def training_run_dir(overrides: list[str]) -> Path:
     from hydra import compose, initialize_config_dir
 
-    from locality.config import register_resolvers
-    from locality.paths import conf_dir
+    from locality.core.config import register_resolvers
+    from locality.core.paths import conf_dir
 
     register_resolvers()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):

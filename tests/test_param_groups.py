@@ -9,11 +9,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from locality.backbones import load_backbone
-from locality.config import ModelConf, load_option
+from locality.core.config import ModelConf, load_option
 from locality.data.sources import load_builtin
-from locality.module import LocalityModule
 from locality.objectives import Task, build_objective, objective_class
-from locality.optim_groups import decay_split
+from locality.run.module import LocalityModule
+from locality.run.optim_groups import decay_split
 
 WEIGHT_DECAY = 0.05
 
@@ -226,7 +226,7 @@ def test_a_module_with_nothing_left_to_train_is_refused_by_name(splits):
     """Whatever froze it (a custom control, a combination the checks do not know), an optimizer over no
     parameter is a user error naming the controls, not torch's "empty parameter list"."""
     from locality.controls.base import Control
-    from locality.errors import UserError
+    from locality.core.errors import UserError
 
     class FreezeAll(Control):
         name = "freeze_all"

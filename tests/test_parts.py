@@ -12,12 +12,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from locality.backbones import classify_parts, load_backbone
-from locality.config import ModelConf, load_option
 from locality.controls import Freeze, LayerwiseLRDecay
+from locality.controls.update_ratios import collect_layers
+from locality.core.config import ModelConf, load_option
 from locality.data.sources import load_builtin
-from locality.measure.update_ratios import collect_layers
-from locality.module import LocalityModule
 from locality.objectives import Task, build_objective
+from locality.run.module import LocalityModule
 
 BERT_EMBEDDINGS = {
     "embeddings.word_embeddings",

@@ -6,10 +6,10 @@ from collections import Counter
 
 from hydra import compose, initialize_config_dir
 
-from locality.config import register_resolvers
-from locality.paths import conf_dir
+from locality.core.config import register_resolvers
+from locality.core.paths import conf_dir
 from locality.plan import main, plan
-from locality.sweep import block_lists, expand
+from locality.run.sweep import block_lists, expand
 
 
 def test_paper_240_is_190_standard_and_50_equal_step_runs_each_objective_on_its_data(capsys):

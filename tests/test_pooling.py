@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from locality.pooling import pool
+from locality.core.pooling import pool
 
 
 def test_each_mode_reads_the_right_tokens():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from locality.errors import UserError
+from locality.core.errors import UserError
 
 SUPPORTED = {
     "tiny_gpt2": ("clm", "cls", "tok"),

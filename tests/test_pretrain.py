@@ -19,7 +19,8 @@ from locality.backbones.pretrained import (
     pretrained_checkpoint,
     settings,
 )
-from locality.config import ModelConf, load_option
+from locality.core.config import ModelConf, load_option
+from locality.core.errors import UserError
 from locality.data.corpus import (
     finetuning_docstrings,
     pretraining_texts,
@@ -27,7 +28,6 @@ from locality.data.corpus import (
     stdlib_docstrings,
 )
 from locality.data.sources import load_builtin
-from locality.errors import UserError
 from locality.pretrain import main as pretrain_main
 
 
@@ -144,7 +144,7 @@ def test_a_damaged_cache_entry_is_pretrained_again(monkeypatch, tmp_path):
 
 
 def test_a_damaged_capture_cache_entry_is_a_miss(tmp_path):
-    from locality.measure.capture import load_cached, save_cached
+    from locality.instrument.capture import load_cached, save_cached
 
     path = tmp_path / "capture.pt"
     features = [torch.randn(8, 4), torch.randn(8, 4)]
@@ -227,7 +227,7 @@ def test_cli_pretrains_once_then_reports_the_cache(capsys):
 def test_mini_matrix_is_every_family_at_two_sizes_from_pretrained_checkpoints():
     from hydra import compose, initialize_config_dir
 
-    from locality.paths import conf_dir
+    from locality.core.paths import conf_dir
     from locality.plan import plan
 
     runs = plan(["experiment=mini_matrix"])
@@ -248,4 +248,4 @@ def test_mini_matrix_is_every_family_at_two_sizes_from_pretrained_checkpoints():
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=mini_matrix"], return_hydra_config=True)
     assert cfg.hydra.launcher.n_jobs == 2 and "joblib" in cfg.hydra.launcher._target_
-    assert cfg.model.init == "pretrained" and cfg.logger._target_ == "locality.loggers.csv_logger"
+    assert cfg.model.init == "pretrained" and cfg.logger._target_ == "locality.run.loggers.csv_logger"

@@ -27,7 +27,7 @@ from torch import nn
 
 from locality.controls import EqualStep
 from locality.data.datamodule import LocalityDataModule, ResumableLoader
-from locality.resume import AppendingCSVLogger, KeepPreviousCheckpoint, RunState
+from locality.run.resume import AppendingCSVLogger, KeepPreviousCheckpoint, RunState
 
 # ---------------------------------------------------------------------------------------------- in-process
 
@@ -407,7 +407,7 @@ def test_a_damaged_checkpoint_is_reported_with_the_way_out(train, tmp_path):
 def test_a_checkpoint_changed_on_disk_is_refused_by_its_checksum(train, tmp_path):
     """A bit flipped in last.ckpt (same size, still loads) resumed silently and flipped a slope's sign; now the
     relaunch is refused with the way out, and previous.ckpt, which still matches, is offered."""
-    from locality.errors import UserError
+    from locality.core.errors import UserError
 
     args = ["model=tiny_gpt2", "model.init=random", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2"]
     args += ["measure.kl_probe_train=0", "measure.n_boot=40", "measure.n_boot_procrustes=0"]

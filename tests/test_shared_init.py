@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 
-from locality.paths import conf_dir
+from locality.core.paths import conf_dir
 from locality.train import run
 
 RUN = ["model=tiny_gpt2", "model.init=random", "objective=cls", "seed=31"]  # a seed no other test uses
@@ -53,7 +53,7 @@ def test_the_second_control_reads_step_0_and_changes_no_number(train, tmp_path):
 
 
 def test_a_file_from_other_weights_or_damaged_is_not_used(tmp_path):
-    from locality.measure.depth import read_shared_init, write_shared_init
+    from locality.instrument.depth import read_shared_init, write_shared_init
 
     path = tmp_path / ".init" / "setting-s0.json"
     assert read_shared_init(path, "weights-head") is None and read_shared_init(None, "weights-head") is None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from locality.backbones import load_backbone
-from locality.config import ModelConf, load_option
+from locality.core.config import ModelConf, load_option
 
 
 def spec(**changes) -> ModelConf:
@@ -43,8 +43,8 @@ def test_activation_checkpointing_changes_no_gradient():
 def test_matmul_precision_is_set_by_the_trainer(tmp_path):
     from omegaconf import OmegaConf
 
-    from locality.rundir import RunDir
-    from locality.trainer import build_trainer
+    from locality.run.rundir import RunDir
+    from locality.run.trainer import build_trainer
 
     before = torch.get_float32_matmul_precision()
     try:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from locality.backbones import load_backbone
-from locality.config import ModelConf, load_option
+from locality.core.config import ModelConf, load_option
+from locality.core.errors import UserError
 from locality.data.corpus import pretraining_texts
-from locality.errors import UserError
 from locality.objectives.base import Task
 from locality.objectives.teacher_cls import TeacherClassification, example_hash
 

@@ -1,7 +1,7 @@
 """`MatrixSweeper`: Hydra's basic sweeper over a union of cartesian blocks, that runs every job to the end.
 
 Hydra finds sweepers only under the `hydra_plugins` namespace package; the expansion itself lives in
-`locality.sweep`, shared with `python -m locality.plan`. Unlike the basic sweeper, a failed job does not hide
+`locality.run.sweep`, shared with `python -m locality.plan`. Unlike the basic sweeper, a failed job does not hide
 the others: every job runs, and the sweep ends with a table of every failed run (its directory and error)
 and a non-zero exit.
 """
@@ -19,7 +19,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from locality.sweep import expand, override_lists
+from locality.run.sweep import expand, override_lists
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 - `runs`: one row per run: identity (model, family, block_type, scale band, objective, control, seed, config
   and setting hashes), size, step-0 objective distance, final task metrics, whether it did not train
-  (`locality.results.did_not_train`), and per metric the slope with its CI, the profile's level (mean change)
+  (`locality.core.results.did_not_train`), and per metric the slope with its CI, the profile's level (mean change)
   and the relative slope (slope / level), slope per layer, steepness, width and width count.
 - `layers`: one row per (run, metric, layer): the depth profile in long form.
 - `dynamics`: one row per (run, metric, step) for runs that recorded the profile during training.
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from locality.results import Results, ResultsError, did_not_train, layer_names, read_results
-from locality.taxonomy import scale_band
+from locality.core.results import Results, ResultsError, did_not_train, layer_names, read_results
+from locality.core.taxonomy import scale_band
 
 # A run's identity. Runs that share a config_hash are replicates (they differ only in the seed); runs that
 # share a setting_hash differ only in control and seed. Nothing is ever pooled across setting hashes.

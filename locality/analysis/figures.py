@@ -309,7 +309,7 @@ def head_energy_figure(energy_runs: pd.DataFrame, trend: pd.DataFrame, out: Path
 
 def cross_layer_figure(result: dict, out: Path) -> Path | None:
     """figures/cross_layer/<run>.png from results.json["cross_layer"] (`measure.cross_layer=true`)."""
-    from locality.measure.cross_layer import cross_layer_heatmap, rows_label
+    from locality.analysis.cross_layer import cross_layer_heatmap, rows_label
 
     matrices = result.get("cross_layer")
     if not matrices:

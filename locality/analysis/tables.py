@@ -1,6 +1,6 @@
 """The paper's tables from the runs table: one function per table, each returning a pandas DataFrame.
 
-Every table counts only runs that trained (`trained`; `locality.results.did_not_train` says why a run did not).
+Every table counts only runs that trained (`trained`; `locality.core.results.did_not_train` says why a run did not).
 
 - `headline`: per metric, how many standard runs have a positive locality gradient (slope), how many with a
   CI above zero, and which runs are the exceptions. First row: the default metric.
@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from locality.results import Results
+from locality.core.results import Results
 
 
 def _slope_cols(metric: str) -> tuple[str, str, str]:
@@ -46,7 +46,7 @@ def _slope_cols(metric: str) -> tuple[str, str, str]:
 
 
 def trained(runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that trained (`locality.results.did_not_train`): the only ones any table counts."""
+    """The runs that trained (`locality.core.results.did_not_train`): the only ones any table counts."""
     return runs[~runs.did_not_train.astype(bool)] if "did_not_train" in runs else runs
 
 

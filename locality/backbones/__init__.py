@@ -38,8 +38,8 @@ from locality.backbones.pretrained import pretrained_checkpoint
 from locality.backbones.skeleton import check_pretrained_head, skeleton
 from locality.backbones.sources import BUNDLED, check_hub_access, resolve_source, weights_origin
 from locality.backbones.tokenizer import load_tokenizer
-from locality.config import ModelConf
-from locality.errors import UserError
+from locality.core.config import ModelConf
+from locality.core.errors import UserError
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from locality.errors import UserError
+from locality.core.errors import UserError
 
 
 def find_blocks(base: nn.Module, blocks_path: str | None = None) -> tuple[str, nn.ModuleList]:

@@ -28,9 +28,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from locality.errors import UserError
-from locality.integrity import manifest, manifest_problem, sha256_of
-from locality.paths import cache_dir
+from locality.core.errors import UserError
+from locality.core.integrity import manifest, manifest_problem, sha256_of
+from locality.core.paths import cache_dir
 
 INFO_FILE = "convert.json"
 

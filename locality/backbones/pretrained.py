@@ -56,11 +56,11 @@ import torch.nn.functional as F
 
 from locality.backbones.hf import AUTO_CLASSES, no_cache, token_ids
 from locality.backbones.tokenizer import vocab_fingerprint
-from locality.config import ModelConf, PretrainConf
+from locality.core.config import ModelConf, PretrainConf
+from locality.core.errors import UserError
+from locality.core.integrity import manifest, manifest_problem
+from locality.core.paths import cache_dir
 from locality.data.corpus import pretraining_corpus_version, pretraining_texts
-from locality.errors import UserError
-from locality.integrity import manifest, manifest_problem
-from locality.paths import cache_dir
 
 RECIPE_VERSION = 1  # bump when the loop, packing or masking changes: every key changes with it
 STEPS_ENV = "LOCALITY_PRETRAIN_STEPS"

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from locality.backbones.hf import AUTO_CLASSES, HeadKind
-from locality.config import ModelConf
-from locality.errors import UserError
+from locality.core.config import ModelConf
+from locality.core.errors import UserError
 
 
 def skeleton(spec: ModelConf, config, head: HeadKind = "base") -> nn.Module | None:

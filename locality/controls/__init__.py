@@ -11,7 +11,7 @@ from locality.controls.linearized import Linearized
 from locality.controls.llrd import LayerwiseLRDecay
 from locality.controls.lora import LoRA
 from locality.controls.lp_ft import LPFT
-from locality.measure.update_core import EqualStepCore
+from locality.controls.update_core import EqualStepCore
 
 __all__ = [
     "Control",

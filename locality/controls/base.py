@@ -12,7 +12,7 @@ done from a callback, so the module asks every control for them:
 Arguments are checked twice before any work: the constructor refuses values that are wrong for every
 model (a negative rank), `check_model(n_blocks)` refuses those wrong for this model (block 7 of 4) from the
 model's config alone, and `check_blocks(blocks)` those its module tree decides (a LoRA target no block has),
-on a skeleton without weights; all before weights are loaded (`locality.checks.preflight`).
+on a skeleton without weights; all before weights are loaded (`locality.run.checks.preflight`).
 
 `configure_model` runs before Lightning restores a checkpoint, so anything captured there (e.g. the
 pretrained anchor of L2-SP) is the pretrained state even when a run resumes.
@@ -31,7 +31,7 @@ from torch import nn
 
 
 class ControlledModule(Protocol):
-    """The module as controls see it (`locality.module.LocalityModule` implements it)."""
+    """The module as controls see it (`locality.run.module.LocalityModule` implements it)."""
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -1,6 +1,6 @@
 """Build the run's controls from the `control` config group, turning any bad argument into a UserError.
 
-A control's constructor signature is its schema (`locality.components`): an argument it does not take is
+A control's constructor signature is its schema (`locality.core.components`): an argument it does not take is
 refused with the list of those it does, and a value its constructor refuses is reported with the
 control's own explanation.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from locality.components import check_component, instantiate_component
 from locality.controls.base import Control
-from locality.errors import UserError
+from locality.core.components import check_component, instantiate_component
+from locality.core.errors import UserError
 
 
 def build_controls(control_cfg: DictConfig | None) -> list[Control]:

@@ -1,12 +1,12 @@
 """The equal-step control: after every real optimizer update, give every block the same relative step.
 
-Three layers, smallest first (the first in `locality.measure.update_core`):
+Three layers, smallest first (the first in `locality.controls.update_core`):
 
 - `EqualStepCore`: pure torch. Snapshot a list of parameter groups ("layers"), measure each layer's
   relative update r_l = ||ΔW_l|| / ||W_l_old|| after the optimizer has stepped, and (optionally) rescale
   ΔW_l so that every r_l equals one target. Works on plain tensors (single device, DDP) and on FSDP2
   DTensor shards (two all_reduces per step). Usable without Lightning (`core.attach(optimizer)`).
-- `UpdateRatioMonitor` (`locality.measure.update_ratios`): a Lightning callback that measures and logs r_l
+- `UpdateRatioMonitor` (`locality.controls.update_ratios`): a Lightning callback that measures and logs r_l
   for every block and changes nothing, so a `standard` run can log its per-block update ratios too.
 - `EqualStep`: the same callback with a target; the control itself.
 """
@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from locality.controls.base import Control
-from locality.measure.update_core import (
+from locality.controls.update_core import (
     Target,
     _check_target,
 )
-from locality.measure.update_ratios import UpdateRatioMonitor
+from locality.controls.update_ratios import UpdateRatioMonitor
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule, Trainer

@@ -5,7 +5,7 @@ norm) computes, from now on, z(x; theta) = z(x; theta_0) + J(theta_0)(theta - th
 (Afzal et al. 2025): forward-mode AD (`torch.autograd.forward_ad`) pushes the tangent theta - theta_0 through
 the network at the frozen snapshot theta_0, and gradient descent trains theta through that tangent. Every
 output of the forward (last hidden state, any `hidden_states`) is its first-order value; so are the block
-outputs the depth profile captures (`locality.measure.capture.first_order`). Training and evaluation both
+outputs the depth profile captures (`locality.backbones.first_order`). Training and evaluation both
 use the linearized model. What reads the features stays as it is: a new task head, or the LM head of
 clm/mlm (a tied GPT-2 head reads the current, not the linearized, embedding matrix).
 
@@ -23,8 +23,8 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.func import functional_call
 
+from locality.backbones.first_order import first_order
 from locality.controls.base import Control
-from locality.measure.capture import first_order
 
 
 class Linearized(Control):

@@ -26,7 +26,7 @@ import sysconfig
 from functools import lru_cache
 from pathlib import Path
 
-from locality.paths import cache_dir
+from locality.core.paths import cache_dir
 
 # The topic-classification labels: which of these standard-library packages a docstring comes from.
 TOPIC_PACKAGES = (

@@ -30,8 +30,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from locality.core.errors import UserError
 from locality.data.corpus import TOPIC_PACKAGES, finetuning_docstrings, pydoc_paragraphs
-from locality.errors import UserError
 
 BUILTINS = ("stdlib_docs", "pydoc_topics")
 BUILTIN_SPLIT = "all"  # the one pool a built-in dataset is split from

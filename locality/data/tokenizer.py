@@ -12,8 +12,8 @@ from functools import lru_cache
 
 from transformers import PreTrainedTokenizerFast
 
+from locality.core.paths import cache_dir
 from locality.data.corpus import pydoc_paragraphs, stdlib_docstrings
-from locality.paths import cache_dir
 
 VOCAB_SIZE = 4096
 EOS = "<|endoftext|>"

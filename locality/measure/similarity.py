@@ -519,7 +519,7 @@ def token_change(sums: Features, counts: Features, n_boot: int = 1000, seed: int
     """A token-weighted mean change per layer, with bootstrap replicates that resample whole sequences.
 
     sums: [n_seq, L+1] per-sequence sums of a per-token change (e.g. 1 - cos of every non-pad token, from
-    `locality.measure.capture.capture_token_change`); counts: [n_seq] tokens per sequence. The value of
+    `locality.instrument.capture.capture_token_change`); counts: [n_seq] tokens per sequence. The value of
     layer l is sum_i sums[i, l] / sum_i counts[i], the mean over all tokens. Replicate b is the same ratio
     over the sequences drawn by `bootstrap_indices(n_seq, n_boot, seed)[b]`, with multiplicity: the draws
     that `layer_changes` uses when its units are these probe sequences (pooling mean/last/first: one row

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from locality.measure.update_core import is_dtensor, shard_group
+from locality.core.dtensor import is_dtensor, shard_group
 
 
 def block_state(block: nn.Module) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from locality.backbones import Backbone
-from locality.components import HYDRA_KEYS, arguments, check_component, instantiate_component
-from locality.errors import UserError
+from locality.core.components import HYDRA_KEYS, arguments, check_component, instantiate_component
+from locality.core.errors import UserError
 from locality.objectives.base import Objective, StepOutput, Task
 
 FRAMEWORK_KEYS = ("name",)  # read by the framework, not passed to the objective

@@ -5,7 +5,7 @@ An objective is an `nn.Module` (its new head's parameters, if any, are trained w
 - `head_kind`: which Hugging Face model class to load ("base", "causal_lm", "masked_lm"); LM objectives
   reuse the checkpoint's pretrained head, the others add a new head on the base model.
 - its constructor: `(backbone, task, **options)`; the options are its config keys (`conf/objective/<name>.yaml`
-  names the class in `_target_`; `locality.components` checks the keys against this signature).
+  names the class in `_target_`; `locality.core.components` checks the keys against this signature).
 - `check_task(task)` / `check(backbone, task)`: refuse combinations that make no sense, before any training.
 - `collate(examples)`: tokenize a list of {"text", "label"?} examples into a batch.
 - `forward(model, batch)`: loss plus (predictions, targets) for the metrics.

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from locality.backbones import no_cache
-from locality.errors import UserError
+from locality.core.errors import UserError
 from locality.objectives.base import IGNORE, LanguageModeling, StepOutput
 
 

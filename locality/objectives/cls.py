@@ -14,9 +14,9 @@ import torchmetrics
 from torch import nn
 
 from locality.backbones import Backbone, no_cache
-from locality.errors import UserError
+from locality.core.errors import UserError
+from locality.core.pooling import pool
 from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput, Task
-from locality.pooling import pool
 
 POOLINGS = ("auto", "first", "last", "mean")
 HEADS = ("linear", "mlp")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locality.backbones import Backbone, no_cache
-from locality.errors import UserError
+from locality.core.errors import UserError
 from locality.objectives.base import IGNORE, FrozenCopy, StepOutput, Task
 from locality.objectives.clm import CausalLM
 

@@ -7,7 +7,7 @@ from torch import nn
 from transformers import DataCollatorForLanguageModeling
 
 from locality.backbones import Backbone
-from locality.errors import UserError
+from locality.core.errors import UserError
 from locality.objectives.base import LanguageModeling, StepOutput, Task
 
 

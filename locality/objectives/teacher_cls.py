@@ -21,11 +21,11 @@ import torch
 from torch import nn
 
 from locality.backbones import Backbone
+from locality.core.errors import UserError
+from locality.core.pooling import pool
 from locality.data.corpus import pretraining_texts
-from locality.errors import UserError
 from locality.objectives.base import FrozenCopy, StepOutput, Task
 from locality.objectives.cls import SequenceClassification
-from locality.pooling import pool
 
 _HASH_MODULUS = 2_147_483_647  # 2^31 - 1
 REFERENCE_TEXTS = 256

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from locality.backbones import Backbone, no_cache
+from locality.core.errors import UserError
 from locality.data.wordclass import TAGS, tag_spans
-from locality.errors import UserError
 from locality.objectives.base import IGNORE, Objective, StepOutput, Task
 
 

@@ -9,12 +9,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from locality.backbones import load_backbone
-from locality.config import ModelConf, load_option
 from locality.controls.llrd import LayerwiseLRDecay
+from locality.core.config import ModelConf, load_option
+from locality.core.errors import UserError
 from locality.data.sources import load_builtin
-from locality.errors import UserError
-from locality.module import LocalityModule
 from locality.objectives import Task, build_objective
+from locality.run.module import LocalityModule
 
 MOVE = [
     "trainer.max_steps=4",

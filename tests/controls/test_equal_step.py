@@ -20,7 +20,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
 from locality.controls import EqualStep, EqualStepCore
-from locality.measure.update_ratios import UpdateRatioMonitor, collect_layers
+from locality.controls.update_ratios import UpdateRatioMonitor, collect_layers
 
 HERE = Path(__file__).parent
 

@@ -14,7 +14,7 @@ from conftest import double_gpt2
 
 from locality.controls import Linearized
 from locality.controls.linearized import use_eager_attention
-from locality.measure.capture import block_hooks
+from locality.instrument.capture import block_hooks
 
 
 def linearized(model):

@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2Model
 
 from locality.backbones.blocks import find_blocks
-from locality.measure.drop_top import without_top_blocks
+from locality.instrument.drop_top import without_top_blocks
 
 L = 4
 

@@ -13,8 +13,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from locality.backbones import load_backbone
-from locality.config import ModelConf, load_option
+from locality.core.config import ModelConf, load_option
 from locality.data.sources import load_builtin
+from locality.instrument.capture import block_hooks, capture, capture_token_change, pretrained_parameters
+from locality.instrument.init_distance import fit_linear_probe, objective_distance, target_nll
 from locality.measure import (
     bootstrap_indices,
     interval_method,
@@ -31,11 +33,9 @@ from locality.measure import (
     token_change,
     width_count,
 )
-from locality.measure.capture import block_hooks, capture, capture_token_change, pretrained_parameters
-from locality.measure.init_distance import fit_linear_probe, objective_distance, target_nll
 from locality.measure.weights import snapshot_blocks, snapshot_parameters
-from locality.module import LocalityModule
 from locality.objectives import Task, build_objective, objective_class
+from locality.run.module import LocalityModule
 
 DEPTH = [i / 6 for i in range(7)]
 
@@ -388,7 +388,7 @@ def test_probe_of_separable_features_is_near_zero_kl():
 def test_probe_fit_reaches_the_regularized_optimum():
     """The fitted weights zero the gradient of mean CE + l2/2 ||W||^2 (checked by autograd, independent of the
     analytic gradient the fit uses), and no run of torch's own L-BFGS finds a lower objective."""
-    from locality.measure.init_distance import _lbfgs
+    from locality.instrument.init_distance import _lbfgs
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 5, (120,), generator=g)
@@ -460,7 +460,7 @@ def test_new_head_kl_is_a_linear_probe_on_held_out_examples(splits):
 
 
 def test_a_run_reports_the_paper_definitions(train):
-    from locality.measure.report import format_profile
+    from locality.instrument.report import format_profile
 
     # tiny GPT-2: d = 64; token pooling gives 128 probe sequences x 4 rows = 512 rows >= 4d, so the plug-in
     # metrics get a jackknife over groups of whole sequences
@@ -507,7 +507,7 @@ def test_a_run_reports_the_paper_definitions(train):
 
 
 def test_the_run_report_never_prints_a_real_value_as_zero():
-    from locality.measure.report import _fmt, _signed
+    from locality.instrument.report import _fmt, _signed
 
     assert _signed(4.4e-18, 9).strip() == "+4.40e-18" and _signed(0.0118, 9).strip() == "+0.0118"
     assert _fmt(3.2e-5).strip() == "3.2e-05" and _fmt(0.0).strip() == "0.0000" and _fmt(None).strip() == "-"

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from locality.backbones import load_backbone
-from locality.config import ModelConf, load_option
-from locality.measure.capture import block_hooks, capture
-from locality.measure.drop_top import without_top_blocks
+from locality.core.config import ModelConf, load_option
+from locality.instrument.capture import block_hooks, capture
+from locality.instrument.drop_top import without_top_blocks
 
 
 def test_results_follow_the_schema(train):
     r = train("model=tiny_opt", "objective=cls")
-    assert r["schema"] == "locality.results/1"
+    assert r["schema"] == "locality.core.results/1"
     assert set(r["run"]) == {
         "name",
         "model",

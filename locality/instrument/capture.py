@@ -32,25 +32,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.autograd import forward_ad
 from torch.func import functional_call
 
 from locality.backbones import no_cache
-from locality.integrity import checksum_matches, sha256_of, write_checksum
+from locality.backbones.first_order import first_order
+from locality.core.dtensor import is_dtensor
+from locality.core.integrity import checksum_matches, sha256_of, write_checksum
+from locality.core.pooling import pool
 from locality.measure.similarity import token_cosine_sums
-from locality.measure.update_core import is_dtensor
-from locality.pooling import pool
 
 
 def _hidden(output) -> torch.Tensor:
     return first_order(output[0] if isinstance(output, tuple | list) else output)
-
-
-def first_order(tensor: torch.Tensor) -> torch.Tensor:
-    """A forward-mode dual tensor (the `linearized` control's forward) as its first-order value, primal +
-    tangent; any other tensor as it is."""
-    primal, tangent = forward_ad.unpack_dual(tensor)
-    return tensor if tangent is None else primal + tangent
 
 
 @contextmanager

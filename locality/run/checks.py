@@ -30,8 +30,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from locality.config import INITS, ModelConf, apply_schemas
-from locality.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
+from locality.core.config import INITS, ModelConf, apply_schemas
+from locality.core.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
@@ -170,7 +170,7 @@ def min_bootstrap(ci: float) -> int:
 
 
 def validate(cfg: DictConfig) -> DictConfig:
-    """The composed config merged onto the group schemas (`locality.config.apply_schemas`), then every value
+    """The composed config merged onto the group schemas (`locality.core.config.apply_schemas`), then every value
     checked (`check_values`): a UserError names the bad key and what it may be."""
     cfg = apply_schemas(cfg)
     check_values(cfg)
@@ -180,10 +180,10 @@ def validate(cfg: DictConfig) -> DictConfig:
 
 def check_components(cfg: DictConfig) -> None:
     """The groups built from a `_target_` (objective, optim, scheduler; controls in `preflight`): every key is
-    an argument of the target, of the right kind (`locality.components`)."""
-    from locality.components import check_component
+    an argument of the target, of the right kind (`locality.core.components`)."""
+    from locality.core.components import check_component
     from locality.objectives import check_objective_config
-    from locality.trainer import OWN_KEYS, SUPPLIED
+    from locality.run.trainer import OWN_KEYS, SUPPLIED
 
     for group in ("objective", "optim", "scheduler", "trainer", "logger"):
         if group not in cfg:
@@ -256,7 +256,7 @@ def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
     from lightning.fabric.connector import _PRECISION_INPUT_STR
 
     from locality.backbones.families import BlockType, Family
-    from locality.pooling import POOLINGS
+    from locality.core.pooling import POOLINGS
 
     return {
         "model.dtype": (cfg.model.dtype, DTYPES),
@@ -403,8 +403,8 @@ def check_structure(spec: ModelConf, config, controls: list):
 
 def check_measurement_cost(cfg: DictConfig, config, base, n_blocks: int) -> None:
     """Refuse a measurement that cannot fit in this machine's memory, naming the estimate and its largest
-    part; announce an NTK that will take long (`locality.estimates`)."""
-    from locality import estimates
+    part; announce an NTK that will take long (`locality.core.estimates`)."""
+    from locality.core import estimates
 
     width = getattr(config, "hidden_size", None)
     if not isinstance(width, int):
@@ -492,7 +492,7 @@ def check_sharding(cfg: DictConfig, controls: list) -> None:
         return
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from locality.components import target_of
+    from locality.core.components import target_of
 
     if not issubclass(target_of(strategy, "trainer.strategy"), ModelParallelStrategy):
         return
@@ -579,7 +579,7 @@ def check_output_names(cfg: DictConfig) -> None:
             f"outputs_root={root!r} is empty (is $LOCALITY_OUTPUTS set to an empty string?): runs would be "
             "written under the file system's root. Set it to a directory, e.g. outputs_root=outputs."
         )
-    from locality.identity import run_name
+    from locality.core.identity import run_name
 
     run = run_name(cfg)
     if len(run.encode()) > MAX_NAME:
@@ -636,7 +636,7 @@ def writable_problem(path: Path) -> str | None:
 
 def check_cache() -> None:
     """$LOCALITY_CACHE (pretrained checkpoints, converted GGUF models, pre-fine-tuning captures) is writable."""
-    from locality.paths import CACHE_ENV, cache_path
+    from locality.core.paths import CACHE_ENV, cache_path
 
     path = cache_path()
     problem = writable_problem(path)

@@ -18,10 +18,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
-from locality.components import instantiate_component
-from locality.faults import StopOnNonFiniteLoss
-from locality.resume import KeepPreviousCheckpoint
-from locality.rundir import RunDir
+from locality.core.components import instantiate_component
+from locality.run.faults import StopOnNonFiniteLoss
+from locality.run.resume import KeepPreviousCheckpoint
+from locality.run.rundir import RunDir
 
 OWN_KEYS = (
     "ckpt_every_n_steps",

@@ -2,8 +2,8 @@
 optimizer step, changing nothing. Runs without the equal-step control use it (`measure.update_ratios`) so
 their per-block update ratios can be compared with equal-step's; `EqualStep` is this callback with a target.
 
-It is the equal-step core with rescaling off (`locality.measure.update_core`, pure torch; for LoRA the
-merged-weight ratios of `locality.measure.lora_ratios`).
+It is the equal-step core with rescaling off (`locality.controls.update_core`, pure torch; for LoRA the
+merged-weight ratios of `locality.controls.lora_ratios`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
-from locality.measure.lora_ratios import MergedLoRARatios, lora_layers
-from locality.measure.update_core import (
+from locality.controls.lora_ratios import MergedLoRARatios, lora_layers
+from locality.controls.update_core import (
     EqualStepCore,
     Target,
     spread,

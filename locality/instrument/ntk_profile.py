@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from locality.errors import UserError
+from locality.core.errors import UserError
 from locality.measure.ntk import (
     DEFAULT_BUDGET,
     group_contributions,
@@ -36,11 +36,11 @@ class ObjectiveOutputs(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         from locality.backbones import no_cache
+        from locality.core.pooling import pool
         from locality.objectives.base import IGNORE
         from locality.objectives.clm import CausalLM
         from locality.objectives.cls import SequenceClassification
         from locality.objectives.tok import TokenClassification
-        from locality.pooling import pool
 
         ids, mask, objective = batch["input_ids"], batch["attention_mask"], self.objective
         if isinstance(objective, SequenceClassification | TokenClassification):

@@ -2,8 +2,9 @@
 relative update ||ΔW_l|| / ||W_l_old|| after the optimizer stepped, and optionally rescale ΔW_l so every layer's
 ratio equals one target. Works on plain tensors (one device, DDP) and on FSDP2 DTensor shards; usable without
 Lightning (`EqualStepCore.attach(optimizer)`). The Lightning callbacks are `UpdateRatioMonitor`
-(`locality.measure.update_ratios`, no target: measuring only) and `EqualStep` (`locality.controls.equal_step`).
-It lives with measurement because measuring is what every run does with it; the rescaling is the control's.
+(`locality.controls.update_ratios`, no target: measuring only) and `EqualStep` (`locality.controls.equal_step`).
+It lives with the controls: the equal-step control rescales with it, and every other run measures its ratios
+with it (`UpdateRatioMonitor`). The DTensor helpers are `locality.core.dtensor`'s.
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from locality.core.dtensor import is_dtensor, shard_group
+
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
-
-try:
-    from torch.distributed.tensor import DTensor, Shard
-except ImportError:  # torch built without distributed support
-    DTensor = Shard = None
 
 TARGETS = ("mean", "median", "max")
 FLUSH_EVERY = 1024  # steps of ratios kept on device before one copy to the CPU history
@@ -36,39 +34,11 @@ def _check_target(target: Target) -> Target:
     raise ValueError(f"EqualStep target must be one of {TARGETS}, a positive float, or None; got {target!r}.")
 
 
-def is_dtensor(t: torch.Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
 def _sums_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """Per-tensor sum of squares (0-d, in `dtype`) with one multi-tensor op."""
     if hasattr(torch, "_foreach_powsum"):  # newer torch (2.13 has it): no sqrt-then-square round trip
         return torch._foreach_powsum(tensors, 2, dtype=dtype)
     return torch._foreach_pow(torch._foreach_norm(tensors, 2, dtype=dtype), 2)
-
-
-def shard_group(params: Sequence[torch.Tensor]) -> dist.ProcessGroup | None:
-    """The process group over which the layers' DTensor shards must be summed (None: no DTensors).
-
-    FSDP2 (`fully_shard`) shards each parameter on dim 0 over one mesh dimension; HSDP adds a Replicate
-    dimension, over which nothing needs summing. Tensor parallelism (a second Shard dimension) is refused.
-    """
-    found = {is_dtensor(p) for p in params}
-    if found == {False}:
-        return None
-    if found == {True, False}:
-        raise ValueError("EqualStep: the blocks mix DTensor and plain parameters; shard all of them (FSDP2).")
-    meshes = {(p.device_mesh, tuple(p.placements)) for p in params}
-    if len(meshes) != 1:
-        raise ValueError("EqualStep: all block parameters must share one device mesh and placement.")
-    mesh, placements = meshes.pop()
-    shard_dims = [i for i, pl in enumerate(placements) if isinstance(pl, Shard)]
-    if len(shard_dims) != 1:
-        raise ValueError(
-            f"EqualStep supports FSDP2 sharding on one mesh dimension; got placements {placements} "
-            "(tensor parallelism is not supported)."
-        )
-    return mesh.get_group(shard_dims[0])
 
 
 class EqualStepCore:

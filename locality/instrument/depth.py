@@ -39,7 +39,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from locality.backbones.tokenizer import vocab_fingerprint
-from locality.measure.capture import (
+from locality.core.dtensor import is_dtensor
+from locality.core.integrity import write_json_atomic
+from locality.core.paths import cache_dir
+from locality.instrument.capture import (
     capture,
     capture_key,
     capture_token_change,
@@ -47,7 +50,7 @@ from locality.measure.capture import (
     save_cached,
     weights_fingerprint,
 )
-from locality.measure.init_distance import objective_distance
+from locality.instrument.init_distance import objective_distance
 from locality.measure.profile import interval_method, large_change_note, ols_slope, profile_stats
 from locality.measure.similarity import (
     FEATURE_METRICS,
@@ -58,7 +61,6 @@ from locality.measure.similarity import (
     layer_changes,
     token_change,
 )
-from locality.measure.update_core import is_dtensor
 from locality.measure.weights import (
     is_sharded,
     local_shard,
@@ -67,8 +69,6 @@ from locality.measure.weights import (
     to_local_shards,
     weight_rel,
 )
-from locality.paths import cache_dir
-from locality.rundir import write_json_atomic
 
 
 class DepthProfiler:

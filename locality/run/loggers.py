@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from lightning.pytorch.loggers import Logger
 
-from locality.resume import AppendingCSVLogger
-from locality.rundir import RunDir
+from locality.run.resume import AppendingCSVLogger
+from locality.run.rundir import RunDir
 
 WANDB_INIT_TIMEOUT_S = 8  # how long a run may wait for W&B to start before it falls back to CSV
 
@@ -35,7 +35,7 @@ class RunInfo:
 
 
 def csv_logger(info: RunInfo) -> AppendingCSVLogger:
-    """csv/metrics.csv in the run directory; a resumed run appends to it (locality.resume)."""
+    """csv/metrics.csv in the run directory; a resumed run appends to it (locality.run.resume)."""
     return AppendingCSVLogger(save_dir=info.run.path, name="csv", version="")
 
 

@@ -18,7 +18,7 @@ update-ratio history, the dynamics captures, LP-FT's phase); the train loader sa
   once, as in an uninterrupted run.
 - `KeepPreviousCheckpoint`: a new `last.ckpt` takes its place only after the rows logged before it are on
   disk, and the one it replaces is kept as `previous.ckpt`, the way out when `last.ckpt` is damaged (see
-  `locality.rundir.RunDir.check_checkpoint`).
+  `locality.run.rundir.RunDir.check_checkpoint`).
 
 In a multi-process run every rank starts from the same seed and draws the same numbers, so rank zero's
 generator states (the ones in the checkpoint) are restored on every rank. Random draws inside data-loader
@@ -45,8 +45,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
-from locality.integrity import sha256_of, sidecar, write_checksum
-from locality.rundir import remove_checkpoint
+from locality.core.integrity import sha256_of, sidecar, write_checksum
+from locality.run.rundir import remove_checkpoint
 
 PREVIOUS_CHECKPOINT = "previous.ckpt"
 PENDING_CHECKPOINT = "pending.ckpt"  # written, not yet in place as last.ckpt (KeepPreviousCheckpoint)

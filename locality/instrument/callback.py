@@ -8,7 +8,7 @@
   the update-ratio monitor, if one ran, then the post-fine-tuning capture and every metric with its interval.
   The outcome is `results` (the `change`, `profile`, ... entries of results.json).
 
-The measuring itself is `locality.measure.depth.DepthProfiler`; every number is the same as calling it
+The measuring itself is `locality.instrument.depth.DepthProfiler`; every number is the same as calling it
 around `fit` (all resampling uses its own seeded generators).
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import lightning as L
 
-from locality.measure.depth import DepthProfiler
-from locality.measure.ntk_profile import ntk_profile
-from locality.measure.update_ratios import UpdateRatioMonitor
+from locality.controls.update_ratios import UpdateRatioMonitor
+from locality.instrument.depth import DepthProfiler
+from locality.instrument.ntk_profile import ntk_profile
 
 
 class ProfileMeasurement(L.Callback):

@@ -21,10 +21,10 @@ from torch import nn
 
 from locality.backbones import Backbone
 from locality.controls.base import Control
-from locality.errors import UserError
+from locality.core.errors import UserError
 from locality.objectives import Objective
-from locality.optim_groups import decay_split
-from locality.sharding import shard_module
+from locality.run.optim_groups import decay_split
+from locality.run.sharding import shard_module
 
 
 class LocalityModule(L.LightningModule):
@@ -75,7 +75,7 @@ class LocalityModule(L.LightningModule):
     def configure_model(self) -> None:
         """The controls rewrite the model (LoRA, freezing); then, with `trainer.compile`, each block's forward
         is compiled, and under FSDP2 (`trainer=fsdp`) the model is sharded one block at a time
-        (`locality.sharding`)."""
+        (`locality.run.sharding`)."""
         if not self._models_configured:  # Lightning may call this again on resume
             for control in self.controls:
                 control.configure_model(self)
@@ -128,7 +128,7 @@ class LocalityModule(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         """Weight decay on the weight matrices of linear and conv layers only (backbone and task head alike;
-        see `locality.optim_groups`); then every control may rewrite the groups."""
+        see `locality.run.optim_groups`); then every control may rewrite the groups."""
         decay, no_decay = decay_split(self)
         groups = [
             {"params": list(decay.values()), "weight_decay": self.optimizer_settings["weight_decay"]},

@@ -11,7 +11,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from locality.backbones import Backbone, load_backbone, peek_family
-from locality.config import ModelConf
+from locality.core.config import ModelConf
 from locality.data.sources import Splits, load_splits
 from locality.objectives import Objective, Task, build_objective, objective_class
 

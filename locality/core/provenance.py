@@ -7,7 +7,7 @@ import platform
 import subprocess
 from importlib import metadata
 
-from locality.paths import PACKAGE_DIR
+from locality.core.paths import PACKAGE_DIR
 
 PACKAGES = ("locality", "torch", "transformers", "lightning", "peft", "datasets", "hydra-core", "wandb")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from locality.resume import PENDING_CHECKPOINT, PREVIOUS_CHECKPOINT
+from locality.run.resume import PENDING_CHECKPOINT, PREVIOUS_CHECKPOINT
 
 
 class NonFiniteLoss(RuntimeError):

@@ -11,9 +11,13 @@ is reported as unknown, not damaged. Directories of files (a `save_pretrained` e
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
+import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 SUFFIX = ".sha256"
 
@@ -63,3 +67,34 @@ def manifest_problem(directory: Path, files: object) -> str | None:
         if sha256_of(path) != digest:
             return f"{name} does not match the checksum written with it"
     return None
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file. The file gets
+    the permissions a plain `open` would give under the user's umask (mkstemp's are 0600)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_finite(payload), f, indent=1)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value

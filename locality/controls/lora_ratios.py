@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from locality.measure.update_core import EqualStepCore
+from locality.controls.update_core import EqualStepCore
 
 
 def lora_layers(module: nn.Module) -> list[tuple[nn.Module, str]]:

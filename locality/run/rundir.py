@@ -1,7 +1,7 @@
 """The run directory contract: config.yaml, results.json (written atomically, last), checkpoints/, wandb/,
 and failed.json when a run fails.
 
-A run directory's name is derived from its resolved config (see `locality.identity`), so re-launching the
+A run directory's name is derived from its resolved config (see `locality.core.identity`), so re-launching the
 same run or sweep finds its earlier work: a complete run (results.json present) is skipped, an
 interrupted one resumes from checkpoints/last.ckpt. A directory whose config.yaml differs from the current
 config in a result-changing key is refused, never skipped or resumed.
@@ -9,23 +9,19 @@ config in a result-changing key is refused, never skipped or resumed.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import sys
-import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from locality.errors import UserError
-from locality.identity import changed_keys
-from locality.integrity import SUFFIX, sha256_of
-from locality.results import Results, ResultsError, check_results, read_results
+from locality.core.errors import UserError
+from locality.core.identity import changed_keys
+from locality.core.integrity import SUFFIX, sha256_of, write_json_atomic
+from locality.core.results import Results, ResultsError, check_results, read_results
 
 
 class RunDir:
@@ -47,7 +43,7 @@ class RunDir:
 
     def last_checkpoint(self) -> str | None:
         """The checkpoint a relaunch resumes from: last.ckpt, or previous.ckpt (the one before it, kept by
-        `locality.resume.KeepPreviousCheckpoint`) when the run was killed while writing a new last.ckpt."""
+        `locality.run.resume.KeepPreviousCheckpoint`) when the run was killed while writing a new last.ckpt."""
         for name in ("last.ckpt", "previous.ckpt"):
             if (self.checkpoints / name).exists():  # a file, or a folder of shards (FSDP2)
                 return str(self.checkpoints / name)
@@ -241,34 +237,3 @@ def remove_checkpoint(path: Path) -> None:
 
 def _get(cfg: DictConfig, dotted: str):
     return OmegaConf.select(cfg, dotted, default="<missing>")
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file. The file gets
-    the permissions a plain `open` would give under the user's umask (mkstemp's are 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_finite(payload), f, indent=1)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/inf: write them as null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value

@@ -2,7 +2,7 @@
 
 Every option of a group extends its dataclass schema (`defaults: [/<group>_schema@_here_, _self_]`), so every key can be
 overridden on any option, and Hydra reports a misspelt key or a wrong type (exit 2) before a model is
-loaded; `locality.checks.validate` then checks every value's range or choices. Controls are free-form
+loaded; `locality.run.checks.validate` then checks every value's range or choices. Controls are free-form
 `_target_` configs: their constructor arguments are their schema (`locality.controls.build`).
 """
 
@@ -15,8 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from locality.errors import UserError
-from locality.identity import run_name_resolver
+from locality.core.errors import UserError
+from locality.core.identity import run_name_resolver
 
 
 @dataclass
@@ -146,7 +146,7 @@ SCHEMAS = {
 
 
 def register_resolvers() -> None:
-    """Register the run-name resolver (`${run_name:}`, see `locality.identity`) and each group's schema
+    """Register the run-name resolver (`${run_name:}`, see `locality.core.identity`) and each group's schema
     (`/<group>_schema`, the base of its options: a root config, not in the group, so it is never offered as a choice)."""
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name_resolver)
@@ -157,7 +157,7 @@ def register_resolvers() -> None:
 
 def apply_schemas(cfg: DictConfig) -> DictConfig:
     """Merge every group onto its schema (types, known keys); raise UserError naming the bad key and the valid
-    keys. `locality.checks.validate` then checks every value's range or choices."""
+    keys. `locality.run.checks.validate` then checks every value's range or choices."""
     for group, schema in SCHEMAS.items():
         if group not in cfg:
             raise UserError(f"The config has no '{group}' group; did an experiment file remove it?")
@@ -182,7 +182,7 @@ def compose_train(overrides: list[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from locality.paths import conf_dir
+    from locality.core.paths import conf_dir
 
     register_resolvers()
     try:
@@ -195,7 +195,7 @@ def compose_train(overrides: list[str]) -> DictConfig:
 def load_option(group: str, name: str) -> DictConfig:
     """One option of a config group (merged onto its schema where the group has one), outside Hydra (tests,
     notebooks)."""
-    from locality.paths import conf_dir
+    from locality.core.paths import conf_dir
 
     raw = OmegaConf.load(conf_dir() / group / f"{name}.yaml")
     raw.pop("defaults", None)

@@ -1,5 +1,5 @@
 """The results.json schema, in one place: its version, its shape as types, and the check that every writer and
-reader goes through (`locality.rundir` writes with it, `locality.analysis` reads with it).
+reader goes through (`locality.run.rundir` writes with it, `locality.analysis` reads with it).
 
 Additions are backward compatible (optional keys); a file of another schema version, or one missing what every
 table needs, is refused with the reason (`ResultsError`), so analysis lists it as unreadable instead of
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-SCHEMA = "locality.results/1"
+SCHEMA = "locality.core.results/1"
 CANONICAL_LAYER_NAMES = (
     "embed, block_00, block_01, ..."  # layer l = output of block l-1; layer 0 = embeddings
 )
