@@ -9,7 +9,7 @@ from locality.analysis.summary import summary_markdown
 def result(seed: int, control: str, setting: str, slope: float) -> dict:
     config = f"{setting}{control[0]}"
     return {
-        "schema": "locality.core.results/1",
+        "schema": "locality.results/1",
         "_path": f"/runs/{config}-s{seed}",
         "run": {
             "name": f"m-cls-{control}-s{seed}-{config}",
@@ -79,7 +79,7 @@ def synthetic_study(n_models: int = 15, seeds: int = 4, seed: int = 0) -> list[d
                     name = f"model{m:02d}-{objective}-{control}-s{s}-{m:02d}{objective}{control[0]}"
                     out.append(
                         {
-                            "schema": "locality.core.results/1",
+                            "schema": "locality.results/1",
                             "_path": f"/sweep/{name}",
                             "run": {
                                 "name": name,

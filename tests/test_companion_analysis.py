@@ -21,7 +21,7 @@ def lp_ft_result(i: int, energy: float, peaked: bool = True) -> dict:
     features["norm_ratio"] = [1.0, 1.0, 1.0]
     name = f"minilm-cls-lp_ft-s0-{i:08d}"
     return {
-        "schema": "locality.core.results/1",
+        "schema": "locality.results/1",
         "run": {
             "name": name,
             "model": "minilm",

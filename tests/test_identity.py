@@ -187,11 +187,11 @@ def test_a_damaged_results_json_is_refused_with_the_way_out_and_force_reruns(tra
         results.unlink()
         results.mkdir()
     else:
-        results.write_text(json.dumps({**good, "schema": "locality.core.results/0"}))
+        results.write_text(json.dumps({**good, "schema": "locality.results/0"}))
     with pytest.raises(UserError, match=r"results.json is damaged .* force=true"):
         train(*args)
     assert train(*args, "force=true")["run"]["config_hash"] == good["run"]["config_hash"]
-    assert json.loads(results.read_text())["schema"] == "locality.core.results/1"
+    assert json.loads(results.read_text())["schema"] == "locality.results/1"
 
 
 def test_keep_checkpoint_none_deletes_the_checkpoints_once_the_run_is_complete(train, tmp_path):

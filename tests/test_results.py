@@ -48,7 +48,7 @@ def test_a_complete_run_passes_both_checks():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda r: r.update(schema="locality.core.results/0"), "schema is 'locality.core.results/0'"),
+        (lambda r: r.update(schema="locality.results/0"), "schema is 'locality.results/0'"),
         (lambda r: r.pop("controls"), "missing controls"),
         (lambda r: r["run"].pop("init_from"), "run lacks init_from"),
         (lambda r: r.update(layers=["embed", "block_0", "block_1"]), "canonical names"),

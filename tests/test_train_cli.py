@@ -53,7 +53,7 @@ def test_default_run_prints_the_profile_and_writes_the_run_dir(tmp_path):
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 1 and runs[0].name.startswith("minilm-cls-standard-s0-")
     results = json.loads((runs[0] / "results.json").read_text())
-    assert results["schema"] == "locality.core.results/1"
+    assert results["schema"] == "locality.results/1"
     assert results["run"]["family"] == "encoder" and results["run"]["n_layers"] == 6
     # provenance: where the weights came from, the config's identity, the code's versions, the data used
     run = results["run"]
@@ -177,7 +177,7 @@ def test_complete_run_is_skipped_and_the_pre_capture_is_cached(train):
     first = train("model=tiny_pythia", "objective=cls", "seed=11")  # a seed no other test uses: a cold cache
     assert first["timings"]["pre_capture_cached"] is False
     again = train("model=tiny_pythia", "objective=cls", "seed=11")  # read back from results.json, not re-run
-    assert again["run"] == first["run"] and again["schema"] == "locality.core.results/1"
+    assert again["run"] == first["run"] and again["schema"] == "locality.results/1"
     forced = train(
         "model=tiny_pythia", "objective=cls", "seed=11", "force=true"
     )  # trains again, from scratch

@@ -66,11 +66,6 @@ def _tool_dir(relative: Path) -> bool:
     return any(part.startswith(".") or part == "wandb" for part in relative.parts[:-1])
 
 
-def find_results(paths: list[str]) -> list[Path]:
-    """results.json files under run dirs, sweep dirs, or glob patterns (incomplete runs have none)."""
-    return [d / "results.json" for d in _run_dirs(paths) if (d / "results.json").is_file()]
-
-
 def inventory(paths: list[str]) -> Inventory:
     """Every run directory under `paths`, sorted into complete, failed, incomplete and unreadable."""
     found = Inventory()
@@ -93,19 +88,6 @@ def inventory(paths: list[str]) -> Inventory:
         elif (run_dir / "config.yaml").is_file():
             found.incomplete.append(run_dir.name)
     return found
-
-
-def load_results(files: list[Path]) -> list[Results]:
-    """The readable results among `files` (see `inventory` for the reasons the others are not)."""
-    out = []
-    for file in files:
-        try:
-            result = read_results(file)
-        except (OSError, ResultsError):
-            continue
-        result["_path"] = str(file.parent)
-        out.append(result)
-    return out
 
 
 def _identity(r: dict) -> dict:

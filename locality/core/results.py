@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, NotRequired, TypedDict
 
-SCHEMA = "locality.core.results/1"
+SCHEMA = "locality.results/1"
 CANONICAL_LAYER_NAMES = (
     "embed, block_00, block_01, ..."  # layer l = output of block l-1; layer 0 = embeddings
 )

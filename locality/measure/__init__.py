@@ -1,6 +1,7 @@
 """Measurement of where in depth fine-tuning changes a network: similarity metrics and profile statistics.
 
-Import-light on purpose (torch and numpy only); capture and run-level orchestration live in submodules.
+Import-light on purpose (torch, numpy and scipy.stats only); run-time capture and orchestration live in
+`locality.instrument`.
 """
 
 from locality.measure.profile import (
@@ -12,7 +13,6 @@ from locality.measure.profile import (
     replicate_slopes,
     slope_per_layer,
     steepness,
-    t_quantile,
     width,
     width_count,
 )
@@ -72,7 +72,6 @@ __all__ = [
     "replicate_slopes",
     "slope_per_layer",
     "steepness",
-    "t_quantile",
     "token_change",
     "token_cosine_sums",
     "width",

@@ -45,6 +45,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from scipy import stats
 
 from locality.measure.similarity import PLUGIN_METRICS
 
@@ -114,32 +115,6 @@ def width_count(values: Values, threshold: float = WIDTH_THRESHOLD) -> int | Non
     return int(np.sum(c > threshold)) if c.size else None
 
 
-def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t distribution (numpy only): Simpson integration of the density, then bisection.
-
-    Accurate to ~1e-9 for df >= 1 and p in [1e-6, 1 - 1e-6] (t_{0.975, 19} = 2.0930241).
-    """
-    if not 0 < p < 1 or df < 1:
-        raise ValueError(f"t_quantile needs 0 < p < 1 and df >= 1, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def cdf(t: float) -> float:  # P(T <= t) for t >= 0; substitute t = tan(u) so the tail is finite
-        u = np.linspace(0.0, math.atan(t), 4001)
-        f = np.exp(log_c - (df + 1) / 2 * np.log1p(np.tan(u) ** 2 / df)) / np.cos(u) ** 2
-        h = u[1] - u[0]
-        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        lo, hi = hi, 2 * hi
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
 def jackknife_interval(
     depth: Values, values: Values, leave_out: np.ndarray, ci: float = 0.95
 ) -> tuple[list[float] | None, float]:
@@ -158,7 +133,7 @@ def jackknife_interval(
         return None, math.nan
     pseudo = g * theta - (g - 1) * loo
     center, se = float(pseudo.mean()), float(pseudo.std(ddof=1)) / math.sqrt(g)
-    half = t_quantile((1 + ci) / 2, g - 1) * se
+    half = float(stats.t.ppf((1 + ci) / 2, g - 1)) * se
     return [center - half, center + half], center
 
 

@@ -14,7 +14,7 @@ from locality.instrument.drop_top import without_top_blocks
 
 def test_results_follow_the_schema(train):
     r = train("model=tiny_opt", "objective=cls")
-    assert r["schema"] == "locality.core.results/1"
+    assert r["schema"] == "locality.results/1"
     assert set(r["run"]) == {
         "name",
         "model",
