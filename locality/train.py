@@ -41,7 +41,7 @@ from locality.core.errors import EXIT_USER_ERROR, UserError, report, wants_trace
 from locality.core.identity import config_hash, control_name, setting_hash
 from locality.core.provenance import versions
 from locality.core.quiet import quiet_libraries
-from locality.core.results import SCHEMA, did_not_train, layer_names
+from locality.core.results import compose
 from locality.core.taxonomy import scale_band
 from locality.data.datamodule import LocalityDataModule
 from locality.instrument.callback import ProfileMeasurement
@@ -158,35 +158,30 @@ class Attempt:
 def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, controls: list[Control]) -> dict:
     started = time.perf_counter()
     parts = assemble(cfg)  # seeded; data first (refused before any weights load), backbone, objective
-    splits, backbone, objective = parts.splits, parts.backbone, parts.objective
     load_s = time.perf_counter() - started  # the data and the weights
     data = LocalityDataModule(
-        splits, objective, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.num_workers
+        parts.splits,
+        parts.objective,
+        cfg.data.batch_size,
+        cfg.data.eval_batch_size,
+        cfg.seed,
+        cfg.data.num_workers,
     )
     module = LocalityModule(
-        backbone,
-        objective,
+        parts.backbone,
+        parts.objective,
         instantiate(cfg.optim),
         instantiate(cfg.scheduler),
         controls,
         compile=cfg.trainer.compile,
     )
     if is_main_process():
-        print(backbone.describe())
+        print(parts.backbone.describe())
 
     sweep = cfg.sweep_name if HydraConfig.get().mode == RunMode.MULTIRUN else None
     # step 0 comes before any control acts: a sweep's runs that differ only in their control measure it once
     shared_init = run_dir.path.parent / ".init" / f"{setting_hash(cfg)}-s{cfg.seed}.json" if sweep else None
-    profiler = DepthProfiler(cfg.measure, backbone, data, cfg.seed, shared_init)
-    logger = False
-    if is_main_process():
-        tags = [
-            f"family:{backbone.family}",
-            f"block:{backbone.block_type}",
-            f"scale:{scale_band(backbone.n_params)}",
-        ]
-        info = RunInfo(run_dir, cfg.run_name, to_plain(cfg), sweep, control_name(cfg.control), tags)
-        logger = instantiate_component(cfg.logger, "logger", info=info)
+    profiler = DepthProfiler(cfg.measure, parts.backbone, data, cfg.seed, shared_init)
     run_state = RunState(started)  # RNG states, wall time and resumes, kept in the checkpoint
     measurement = ProfileMeasurement(profiler)  # before training and after it, on the training device
     callbacks = [
@@ -194,7 +189,9 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         *filter(None, [profiler.dynamics_callback(), ratio_monitor(cfg.measure, controls)]),
         measurement,
         run_state,
+        *configured_callbacks(cfg),
     ]
+    logger = make_logger(cfg, run_dir, parts.backbone, sweep) if is_main_process() else False
     trainer = attempt.trainer = build_trainer(cfg.trainer, run_dir, callbacks, logger)
     fit_started = time.perf_counter()
     # In a sweep, the processes Lightning starts for a multi-process run must run this job, not the sweep.
@@ -203,53 +200,63 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
     fit_s = time.perf_counter() - fit_started  # this segment's; includes the measurement before and after
     final = trainer.validate(module, datamodule=data, verbose=False)[0]
 
-    results = {
-        "schema": SCHEMA,
-        "run": {
-            "name": run_dir.path.name,
-            "model": cfg.model.name,
-            "family": backbone.family,
-            "block_type": backbone.block_type,
-            "scale_band": scale_band(backbone.n_params),
-            "objective": objective.name,
-            "control": control_name(cfg.control),
-            "seed": cfg.seed,
-            "n_params": backbone.n_params,
-            "n_layers": backbone.n_layers,
-            "steps": trainer.global_step,
-            "init_from": backbone.init_from,
-            "config_hash": config_hash(cfg),
-            "setting_hash": setting_hash(cfg),
-            "sweep": sweep,
-            "versions": versions(),
-            "data": splits.info(),
-        },
-        "layers": layer_names(backbone.n_layers),
-        "measure": {
+    results = compose(
+        run_record(cfg, run_dir, parts, trainer, sweep, run_state),
+        measurement.results,
+        measure={
             key: to_plain(cfg.measure[key]) for key in ("n_probe", "pooling", "ci", "ci_method", "n_boot")
         },
-        **measurement.results,
-        "init": profiler.init,
-        "final": {key.removeprefix("val/"): float(value) for key, value in final.items()},
-        "controls": {control.name: control.summary() for control in controls},
-        "timings": {
+        init=profiler.init,
+        final={key.removeprefix("val/"): float(value) for key, value in final.items()},
+        controls={control.name: control.summary() for control in controls},
+        timings={
             **profiler.timings,
             "load_s": load_s,
             "fit_s": fit_s,
             "pre_capture_cached": profiler.cache_hit,
         },
+        ntk=measurement.ntk,
+        drop_top_k=evaluate_dropping_top(trainer, module, data, parts.backbone, cfg.measure.drop_top_k)
+        if cfg.measure.drop_top_k
+        else None,
+    )
+    if is_main_process():
+        write_outputs(cfg, run_dir, results, trainer)
+    return results
+
+
+def run_record(
+    cfg: DictConfig, run_dir: RunDir, parts, trainer: L.Trainer, sweep, run_state: RunState
+) -> dict:
+    """results.json's `run`: what ran, where it came from, and how it went."""
+    backbone = parts.backbone
+    return {
+        "name": run_dir.path.name,
+        "model": cfg.model.name,
+        "family": backbone.family,
+        "block_type": backbone.block_type,
+        "scale_band": scale_band(backbone.n_params),
+        "objective": parts.objective.name,
+        "control": control_name(cfg.control),
+        "seed": cfg.seed,
+        "n_params": backbone.n_params,
+        "n_layers": backbone.n_layers,
+        "steps": trainer.global_step,
+        "init_from": backbone.init_from,
+        "config_hash": config_hash(cfg),
+        "setting_hash": setting_hash(cfg),
+        "sweep": sweep,
+        "versions": versions(),
+        "data": parts.splits.info(),
+        "wall_s": run_state.wall_s,  # over every segment of a resumed run
+        "resumed_from_steps": run_state.resumed_from_steps,
+        # fewer steps than asked (trainer.max_time, a data set shorter than max_epochs allows): said, not hidden
+        "stopped_early": trainer.global_step < cfg.trainer.max_steps,
     }
-    if measurement.ntk is not None:
-        results["ntk"] = measurement.ntk
-    if cfg.measure.drop_top_k:
-        results["drop_top_k"] = evaluate_dropping_top(trainer, module, data, backbone, cfg.measure.drop_top_k)
-    results["run"]["wall_s"] = run_state.wall_s  # over every segment of a resumed run
-    results["run"]["resumed_from_steps"] = run_state.resumed_from_steps
-    results["run"]["did_not_train"] = did_not_train(results)  # None, or why this is not a fine-tuning result
-    # fewer steps than asked (trainer.max_time, a data set shorter than max_epochs allows): said, not hidden
-    results["run"]["stopped_early"] = trainer.global_step < cfg.trainer.max_steps
-    if not is_main_process():
-        return results
+
+
+def write_outputs(cfg: DictConfig, run_dir: RunDir, results: dict, trainer: L.Trainer) -> None:
+    """Rank zero: the figures, the logged profile, results.json (last), then the printed profile."""
     if "cross_layer" in results:
         save_cross_layer(run_dir.path, results["cross_layer"])
     log_profile(trainer.loggers, results, step=trainer.global_step)
@@ -258,7 +265,24 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         run_dir.drop_checkpoints()
     print(format_profile(results))
     print(f"\nresults: {run_dir.results_path}")
-    return results
+
+
+def make_logger(cfg: DictConfig, run_dir: RunDir, backbone, sweep: str | None):
+    tags = [
+        f"family:{backbone.family}",
+        f"block:{backbone.block_type}",
+        f"scale:{scale_band(backbone.n_params)}",
+    ]
+    info = RunInfo(run_dir, cfg.run_name, to_plain(cfg), sweep, control_name(cfg.control), tags)
+    return instantiate_component(cfg.logger, "logger", info=info)
+
+
+def configured_callbacks(cfg: DictConfig) -> list:
+    """The `callbacks` group: any other Lightning callbacks, by name (README, "Callbacks")."""
+    return [
+        instantiate_component(spec, f"callbacks.{name}")
+        for name, spec in (cfg.get("callbacks") or {}).items()
+    ]
 
 
 def is_main_process() -> bool:

@@ -32,6 +32,8 @@ NON_RESULT_KEYS = (
     "data.num_workers",
     "measure.cache",
 )
+# Groups that join the identity only when they hold something: added after runs existed, whose hashes stay.
+OPTIONAL_GROUPS = ("callbacks",)
 # In the readable part of the name rather than the hash.
 NAMED_KEYS = ("seed",)
 
@@ -51,6 +53,8 @@ def result_config(cfg: DictConfig | Mapping) -> dict:
         if key in NON_RESULT_KEYS:
             continue
         value = cfg[key]
+        if key in OPTIONAL_GROUPS and not value:
+            continue
         plain[key] = (
             OmegaConf.to_container(value, resolve=True)
             if isinstance(value, DictConfig | ListConfig)

@@ -42,6 +42,9 @@ class RunRecord(TypedDict):
     did_not_train: NotRequired[
         str | None
     ]  # why the run is not a fine-tuning result (`did_not_train`), or None
+    stopped_early: NotRequired[
+        bool
+    ]  # fewer optimizer steps than trainer.max_steps (max_time, a short data set)
     versions: NotRequired[dict[str, str]]
     data: NotRequired[dict[str, Any]]
 
@@ -100,6 +103,25 @@ def did_not_train(result: dict) -> str | None:
             f"no block's weights moved by {DID_NOT_TRAIN_WEIGHT_FLOOR:g} of their norm (max {max(moved):.1e})"
         )
     return None
+
+
+def compose(run: dict[str, Any], measurement: dict[str, Any], **sections: Any) -> Results:
+    """A run's results.json: the schema's version, `run` with what is derived from the rest (`did_not_train`),
+    `layers` from the model's size, the measurement's sections (depth, change, profile, ...) and the other
+    sections by name; checked as every complete results.json is (`check_results(complete=True)`).
+    A section that is None (no NTK, no drop-top-k) is left out."""
+    unknown = sorted(set(sections) - set(Results.__annotations__))
+    if unknown:
+        raise ValueError(f"results.json has no section {', '.join(unknown)}")
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "run": dict(run),
+        "layers": layer_names(run["n_layers"]),
+        **measurement,
+        **{key: value for key, value in sections.items() if value is not None},
+    }
+    results["run"]["did_not_train"] = did_not_train(results)
+    return check_results(results, complete=True)
 
 
 def layer_names(n_blocks: int) -> list[str]:
