@@ -2,7 +2,8 @@
 
 Three layers, cheapest first:
 - `validate(cfg)` (the group schemas, then `check_values`; `locality.plan` runs it too): ranges and
-  fixed choices of every plain value, from the composed config alone.
+  fixed choices of every plain value, from the composed config alone. Each rule is stated once, beside its
+  field (`locality.core.config`: the group dataclasses and the rule classes of the `_target_` groups).
 - `preflight(cfg)`: what needs a file but no weights: control arguments (each control's constructor and
   `check_model(n_blocks)` against the model's config.json), the model source (a local directory that is
   really a saved model, a valid hub id), the objective/family pairing, a writable output root, and a GPU
@@ -30,143 +31,10 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from locality.core.config import INITS, ModelConf, apply_schemas
+from locality.core.config import ModelConf, all_rules, apply_schemas, min_bootstrap  # noqa: F401 (re-exported)
 from locality.core.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
 
-DTYPES = ("float32", "bfloat16", "float16", "float64")
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
-MATMUL_PRECISIONS = ("highest", "high", "medium")
-COMPILE = (False, True, "inductor", "aot_eager", "eager")  # trainer.compile: true is inductor
-
-
-@dataclass(frozen=True)
-class Rule:
-    key: str
-    ok: Callable[[Any], bool]
-    need: str  # completes "must be ..."
-    example: str
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def at_least(minimum: float, integer: bool = True) -> Callable[[Any], bool]:
-    kind = _integer if integer else _number
-    return lambda v: kind(v) and v >= minimum
-
-
-def above(minimum: float) -> Callable[[Any], bool]:
-    return lambda v: _number(v) and v > minimum
-
-
-def within(low: float, high: float, closed_high: bool = False) -> Callable[[Any], bool]:
-    return lambda v: _number(v) and low <= v and (v <= high if closed_high else v < high)
-
-
-def optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda v: v is None or check(v)
-
-
 _ABSENT = object()
-MIN_LR = 1e-8
-
-
-def devices(value: Any) -> bool:
-    return (
-        value == "auto"
-        or (_integer(value) and (value >= 1 or value == -1))
-        or (isinstance(value, list) and len(value) > 0 and all(_integer(v) and v >= 0 for v in value))
-    )
-
-
-RULES = [
-    Rule(
-        "seed", lambda v: _integer(v) and 0 <= v < 2**32, "an integer in [0, 2^32) (numpy's seed range)", "0"
-    ),
-    Rule(
-        "optim.lr",
-        at_least(MIN_LR, integer=False),
-        f"a learning rate >= {MIN_LR:g} (below it no weight moves by 1e-6 of its norm: the run would not train)",
-        "1e-4",
-    ),
-    Rule("optim.weight_decay", at_least(0, integer=False), "a number >= 0", "0.01"),
-    Rule(
-        "scheduler.warmup",
-        at_least(0, integer=False),
-        "a fraction of the steps in [0, 1) or a number of steps >= 1",
-        "0.1",
-    ),
-    Rule("optim.eps", above(0), "a number > 0", "1e-8"),
-    Rule(
-        "optim.betas",
-        lambda v: isinstance(v, list) and len(v) == 2 and all(within(0, 1)(b) for b in v),
-        "two numbers in [0, 1)",
-        "[0.9,0.999]",
-    ),
-    Rule("optim.momentum", within(0, 1), "a number in [0, 1)", "0.9"),
-    Rule("trainer.max_steps", at_least(1), "a number of optimizer steps >= 1", "100"),
-    Rule(
-        "trainer.max_epochs",
-        lambda v: v is None or v == -1 or (_integer(v) and v >= 1),
-        "-1 (no epoch limit: trainer.max_steps decides) or an integer >= 1",
-        "-1",
-    ),
-    Rule("trainer.devices", devices, "a number of devices >= 1, -1 (all), 'auto' or a list of indices", "1"),
-    Rule(
-        "trainer.val_check_interval",
-        optional(above(0)),
-        "a number of batches >= 1 or a fraction of an epoch in (0, 1], or null",
-        "null",
-    ),
-    Rule("trainer.limit_train_batches", optional(above(0)), "a number or fraction of batches > 0", "1.0"),
-    Rule("trainer.limit_val_batches", optional(above(0)), "a number or fraction of batches > 0", "1.0"),
-    Rule(
-        "trainer.fast_dev_run",
-        lambda v: v in (False, None, 0),
-        "false: it runs a handful of steps with no checkpoint, logger or measurement, so nothing it "
-        "reports is a run; use trainer=smoke for a quick real run",
-        "false",
-    ),
-    Rule("model.pretrain.steps", at_least(1), "a number of pretraining steps >= 1", "400"),
-    Rule("objective.head_hidden", optional(at_least(1)), "a width >= 1, or null for the hidden size", "null"),
-    Rule("objective.alpha", at_least(0, integer=False), "a finite perturbation scale >= 0", "1.0"),
-    Rule("objective.noise", within(0, 1, closed_high=True), "a fraction of noisy labels in [0, 1]", "0.25"),
-    Rule("objective.classes", at_least(2), "a number of classes >= 2", "8"),
-    Rule("trainer.accumulate_grad_batches", at_least(1), "an integer >= 1", "1"),
-    Rule("trainer.ckpt_every_n_steps", at_least(1), "an integer >= 1", "100"),
-    Rule("trainer.log_every_n_steps", at_least(1), "an integer >= 1", "10"),
-    Rule("trainer.gradient_clip_val", optional(above(0)), "a norm > 0, or null for no clipping", "1.0"),
-    Rule("data.batch_size", at_least(1), "an integer >= 1", "16"),
-    Rule("data.eval_batch_size", at_least(1), "an integer >= 1", "64"),
-    Rule("data.n_validation", at_least(1), "an integer >= 1", "256"),
-    Rule("data.num_workers", at_least(0), "an integer >= 0", "0"),
-    Rule("data.min_chars", at_least(0), "an integer >= 0", "1"),
-    Rule("data.max_train_examples", optional(at_least(1)), "an integer >= 1, or null for all", "10000"),
-    Rule("measure.ntk_examples", at_least(2), "a number of examples >= 2", "32"),
-    Rule("objective.max_length", at_least(2), "a number of tokens >= 2", "128"),
-    Rule("objective.head_dropout", within(0, 1), "a probability in [0, 1)", "0.1"),
-    Rule("objective.mask_prob", lambda v: _number(v) and 0 < v < 1, "a probability in (0, 1)", "0.15"),
-    Rule("measure.n_probe", at_least(4), "an integer >= 4 (512+ for stable CKA)", "512"),
-    Rule("measure.ci", lambda v: _number(v) and 0 < v < 1, "a coverage level in (0, 1)", "0.95"),
-    Rule("measure.token_positions", at_least(1), "an integer >= 1", "8"),
-    Rule("measure.jackknife_groups", at_least(2), "an integer >= 2", "32"),
-    Rule("measure.width_threshold", at_least(0, integer=False), "a change >= 0", "0.1"),
-    Rule("measure.kl_probe_train", at_least(0), "an integer >= 0 (0 turns the probe off)", "512"),
-    Rule("measure.every_n_steps", at_least(0), "an integer >= 0 (0: no dynamics)", "0"),
-    Rule("measure.init_batches", at_least(1), "an integer >= 1", "4"),
-    Rule("measure.drop_top_k", at_least(0), "an integer >= 0", "0"),
-]
-
-
-def min_bootstrap(ci: float) -> int:
-    """Fewest replicates that put at least one replicate in each tail of a `ci` interval (40 at 0.95)."""
-    return math.ceil(2 / (1 - ci) - 1e-9)
 
 
 def validate(cfg: DictConfig) -> DictConfig:
@@ -199,26 +67,19 @@ def check_components(cfg: DictConfig) -> None:
 
 
 def check_values(cfg: DictConfig) -> None:
-    """Ranges and fixed choices of the composed config (no files read)."""
+    """Ranges and fixed choices of the composed config (no files read): every rule of every home
+    (`locality.core.config.HOMES`, each rule beside its field), cheapest first; a key the chosen option of
+    its group lacks (objective.mask_prob, optim.betas) is not checked."""
     check_finite(cfg)
-    for rule in RULES:
-        value = OmegaConf.select(cfg, rule.key, default=_ABSENT)
-        if value is _ABSENT:  # a key only some options of a group have (objective.mask_prob, optim.betas)
+    for key, rule in all_rules():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
             continue
         if isinstance(value, DictConfig | ListConfig):
             value = OmegaConf.to_container(value)
-        if not rule.ok(value):
-            raise UserError(
-                f"{rule.key}={value!r} is invalid: it must be {rule.need} (e.g. {rule.key}={rule.example})."
-            )
-    _check_bootstrap(cfg.measure)
-    _check_choices(cfg)
-    warmup = OmegaConf.select(cfg, "scheduler.warmup", default=None)
-    if _number(warmup) and warmup >= 1 and warmup >= cfg.trainer.max_steps:
-        raise UserError(
-            f"scheduler.warmup={warmup:g} steps >= trainer.max_steps={cfg.trainer.max_steps}: the run would end "
-            "before the learning rate reached its value. Use a fraction (e.g. scheduler.warmup=0.1) or fewer steps."
-        )
+        problem = rule.problem(key, value, cfg)
+        if problem:
+            raise UserError(problem)
 
 
 def check_finite(cfg: DictConfig) -> None:
@@ -236,71 +97,6 @@ def check_finite(cfg: DictConfig) -> None:
             raise UserError(f"{key}={node} is not a finite number: give a finite value.")
 
     walk(OmegaConf.to_container(cfg, resolve=False), "")
-
-
-def _check_bootstrap(measure: DictConfig) -> None:
-    least = min_bootstrap(measure.ci)
-    for key, may_be_off in (("n_boot", False), ("n_boot_procrustes", True)):
-        value = measure[key]
-        if not (_integer(value) and (value >= least or may_be_off and value == 0)):
-            off = " or 0 for no Procrustes bootstrap" if may_be_off else ""
-            raise UserError(
-                f"measure.{key}={value!r} is too few bootstrap replicates for a {measure.ci:.0%} "
-                f"interval: use at least {least} (2 / (1 - measure.ci)){off}, e.g. measure.{key}=200."
-            )
-
-
-def _choices(cfg: DictConfig) -> dict[str, tuple[Any, tuple]]:
-    import typing
-
-    from lightning.fabric.connector import _PRECISION_INPUT_STR
-
-    from locality.backbones.families import BlockType, Family
-    from locality.core.pooling import POOLINGS
-
-    return {
-        "model.dtype": (cfg.model.dtype, DTYPES),
-        "model.init": (cfg.model.init, INITS),
-        "model.family": (cfg.model.family, (None, *typing.get_args(Family))),
-        "model.block_type": (cfg.model.block_type, (None, *typing.get_args(BlockType))),
-        "trainer.precision": (str(cfg.trainer.precision), typing.get_args(_PRECISION_INPUT_STR)),
-        "trainer.accelerator": (cfg.trainer.accelerator, ACCELERATORS),
-        "trainer.matmul_precision": (cfg.trainer.matmul_precision, MATMUL_PRECISIONS),
-        "trainer.compile": (cfg.trainer.compile, COMPILE),
-        "trainer.keep_checkpoint": (cfg.trainer.get("keep_checkpoint", "last"), ("last", "none")),
-        "measure.pooling": (cfg.measure.pooling, POOLINGS),
-        "measure.ci_method": (cfg.measure.ci_method, ("basic", "percentile")),
-        "measure.plugin_ci": (cfg.measure.plugin_ci, ("jackknife", "bootstrap")),
-        "measure.cross_layer_pooling": (cfg.measure.cross_layer_pooling, ("tokens", "pooled")),
-        "measure.ntk_params": (cfg.measure.ntk_params, ("all", "blocks")),
-        "data.source": (cfg.data.source, ("builtin", "hub")),
-    }
-
-
-def _check_choices(cfg: DictConfig) -> None:
-    from locality.measure.similarity import MEASURE_METRICS
-
-    choices = _choices(cfg)
-    if cfg.model.attn_implementation is not None:
-        choices["model.attn_implementation"] = (cfg.model.attn_implementation, ATTENTION)
-    if "shape" in cfg.scheduler:
-        from transformers import SchedulerType
-
-        choices["scheduler.shape"] = (
-            cfg.scheduler.shape,
-            tuple(s.value for s in SchedulerType if s.value != "greedy"),
-        )
-    for key, (value, valid) in choices.items():
-        if value not in valid:
-            listed = ", ".join(
-                "null" if v is None else str(v).lower() if isinstance(v, bool) else v for v in valid
-            )
-            raise UserError(f"{key}={value!r} is not a valid choice; choose one of: {listed}.")
-    unknown = [m for m in cfg.measure.metrics if m not in MEASURE_METRICS]
-    if unknown:
-        raise UserError(
-            f"measure.metrics has unknown metric(s) {unknown}; valid metrics: {', '.join(MEASURE_METRICS)}."
-        )
 
 
 @dataclass
