@@ -99,13 +99,12 @@ def test_choices_that_code_defines_are_referenced_not_copied(monkeypatch):
     assert "choose one of: mean, last." in refusal(["measure.pooling=tokens"])
 
 
-def test_ntk_params_lora_is_accepted_with_lora_and_refused_without(tmp_path):
-    lora = ["model=tiny_gpt2", "control=lora", "measure.ntk=true", "measure.ntk_params=lora"]
-    assert refusal(lora) == ""
-    says = refusal(["measure.ntk=true", "measure.ntk_params=lora"])
-    assert says.startswith(
-        "measure.ntk_params=lora takes the kernel over the LoRA adapters, and this run trains"
-    )
+def test_ntk_params_lora_is_refused_in_a_training_run_with_the_reason(tmp_path):
+    """ntk_profile.PARAMS offers lora (the adapters, `python -m locality.ntk`); a training run takes its kernel
+    before the controls add adapters, so there it is refused before any work, with or without control=lora."""
+    for control in ("control=lora", "control=standard"):
+        says = refusal(["model=tiny_gpt2", control, "measure.ntk=true", "measure.ntk_params=lora"])
+        assert says.startswith("measure.ntk_params=lora is not supported in a training run: the kernel is")
     assert planned(["measure.ntk=true", "measure.ntk_params=lora"], tmp_path) == says
     assert refusal(["measure.ntk_params=lora"]) == ""  # no kernel, nothing to refuse
     assert "choose one of: all, blocks, lora." in refusal(["measure.ntk_params=nonsense"])

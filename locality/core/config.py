@@ -138,18 +138,15 @@ def min_bootstrap(ci: float) -> int:
     return math.ceil(2 / (1 - ci) - 1e-9)
 
 
-def _lora_trained(key: str, value: Any, cfg: Any) -> str | None:
-    """measure.ntk_params=lora needs adapters to take the kernel over: a control named lora."""
+def _no_adapters_yet(key: str, value: Any, cfg: Any) -> str | None:
+    """A training run takes its kernel in the measurement callback's `setup`, before Lightning's
+    `configure_model` lets the controls add LoRA adapters: there are none to take it over yet."""
     if value != "lora" or not cfg.measure.ntk:
         return None
-    from locality.core.components import target_of
-
-    controls = cfg.get("control") or {}
-    if any(getattr(target_of(c, f"control.{n}"), "name", None) == "lora" for n, c in controls.items()):
-        return None
     return (
-        f"{key}=lora takes the kernel over the LoRA adapters, and this run trains none: add control=lora, or "
-        f"use {key}=blocks (or all)."
+        f"{key}=lora is not supported in a training run: the kernel is taken before any control adds its "
+        f"LoRA adapters, so there are none to take it over. Use {key}=blocks (or all); the adapters' kernel "
+        "is `python -m locality.ntk control=lora ntk.params=lora`."
     )
 
 
@@ -220,12 +217,12 @@ class MeasureConf:
         default=32, metadata=_n("a number of examples", "32", 2)
     )  # first n training ones
     # all: every trainable parameter (with the word embeddings: slow for large vocabularies); blocks; lora:
-    # the adapters (needs control=lora)
+    # the adapters, only in `python -m locality.ntk` (a run's kernel is taken before they exist)
     ntk_params: str = field(
         default="blocks",
         metadata=rule(
             Choice("locality.instrument.ntk_profile:PARAMS"),
-            Depends(_lora_trained, "lora needs control=lora", stage="last"),
+            Depends(_no_adapters_yet, "lora: only in python -m locality.ntk", stage="last"),
         ),
     )
 
