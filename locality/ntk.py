@@ -97,39 +97,34 @@ def build_module(cfg):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from locality.run.command import run_command
+
+    return run_command(__doc__, ntk, argv)
+
+
+def ntk(overrides: list[str]) -> int:
     from omegaconf import OmegaConf
 
-    from locality.core.errors import EXIT_USER_ERROR, report
     from locality.core.identity import run_name
     from locality.core.integrity import write_json_atomic
-    from locality.core.quiet import quiet_libraries
 
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in overrides):
-        print(__doc__)
-        return 0
-    quiet_libraries()
-    try:
-        cfg, ntk = compose_config(overrides)
-        run_dir = Path(cfg.outputs_root) / "runs" / run_name(cfg)
-        module, splits = build_module(cfg)
-        examples = splits.train[: ntk.n_examples]
-        if len(examples) < ntk.n_examples:
-            raise UserError(f"ntk.n_examples={ntk.n_examples} but the training split has {len(examples)}.")
-        torch.manual_seed(cfg.seed)  # mlm's masking
-        result = ntk_profile(
-            module,
-            examples,
-            ntk.params,
-            ntk.select,
-            ntk.method,
-            int(ntk.memory_gb * 2**30),
-            ntk.example_chunk,
-        )
-    except UserError as err:
-        report(err)
-        return EXIT_USER_ERROR
-    result["settings"] = OmegaConf.to_container(OmegaConf.structured(ntk))
+    cfg, settings = compose_config(overrides)
+    run_dir = Path(cfg.outputs_root) / "runs" / run_name(cfg)
+    module, splits = build_module(cfg)
+    examples = splits.train[: settings.n_examples]
+    if len(examples) < settings.n_examples:
+        raise UserError(f"ntk.n_examples={settings.n_examples} but the training split has {len(examples)}.")
+    torch.manual_seed(cfg.seed)  # mlm's masking
+    result = ntk_profile(
+        module,
+        examples,
+        settings.params,
+        settings.select,
+        settings.method,
+        int(settings.memory_gb * 2**30),
+        settings.example_chunk,
+    )
+    result["settings"] = OmegaConf.to_container(OmegaConf.structured(settings))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "ntk.json", result)
     print(format_summary(result))

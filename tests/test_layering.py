@@ -130,3 +130,11 @@ def test_an_upward_import_is_caught(tmp_path, monkeypatch):
         AssertionError, match=r"locality.core.errors \(layer 1\) imports locality.run.rundir \(layer 7\)"
     ):
         test_every_import_goes_down_or_sideways()
+
+
+def test_every_command_line_is_a_console_script():
+    import tomllib
+
+    scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    commands = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert scripts == {f"locality-{name}": f"locality.{name}:main" for name in commands}

@@ -109,6 +109,24 @@ class Objective(nn.Module):
         )
 
 
+class NewHead(Objective):
+    """An objective with a new task head on the base model's last hidden states (cls, tok): `logits` is the
+    one forward they share, and what the NTK differentiates (`locality.instrument.ntk_profile`)."""
+
+    head: nn.Module
+
+    def head_input(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What the head reads of the last hidden states [batch, tokens, width]: all of them here."""
+        return hidden
+
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = model.base_model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache(model)
+        )[0]
+        features = self.head_input(hidden, batch["attention_mask"])
+        return self.head(features.to(self.head[-1].weight.dtype))  # a bf16 backbone feeds a float32 head
+
+
 class LanguageModeling(Objective):
     """An objective that reuses the checkpoint's own LM head: its classes are the vocabulary."""
 

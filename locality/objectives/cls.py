@@ -13,10 +13,10 @@ import torch
 import torchmetrics
 from torch import nn
 
-from locality.backbones import Backbone, no_cache
+from locality.backbones import Backbone
 from locality.core.errors import UserError
 from locality.core.pooling import pool
-from locality.objectives.base import FAMILY_POOLING, Objective, StepOutput, Task
+from locality.objectives.base import FAMILY_POOLING, NewHead, StepOutput, Task
 
 POOLINGS = ("auto", "first", "last", "mean")
 HEADS = ("linear", "mlp")
@@ -37,7 +37,7 @@ def build_head(kind: str, d_in: int, n_out: int, dropout: float, hidden: int | N
     )
 
 
-class SequenceClassification(Objective):
+class SequenceClassification(NewHead):
     name = "cls"
     head_kind = "base"
 
@@ -77,12 +77,11 @@ class SequenceClassification(Objective):
         batch["labels"] = torch.tensor([e["label"] for e in examples])
         return batch
 
+    def head_input(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return pool(hidden, mask, self.pooling)
+
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        hidden = model.base_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache(model)
-        )[0]
-        pooled = pool(hidden, batch["attention_mask"], self.pooling)
-        logits = self.head(pooled.to(self.head[-1].weight.dtype))  # a bf16 backbone feeds a float32 head
+        logits = self.logits(model, batch)
         loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
         return StepOutput(loss, logits.argmax(dim=-1), batch["labels"])
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from locality.backbones import Backbone, no_cache
+from locality.backbones import Backbone
 from locality.core.errors import UserError
 from locality.data.wordclass import TAGS, tag_spans
-from locality.objectives.base import IGNORE, Objective, StepOutput, Task
+from locality.objectives.base import IGNORE, NewHead, StepOutput, Task
 
 
-class TokenClassification(Objective):
+class TokenClassification(NewHead):
     name = "tok"
     head_kind = "base"
 
@@ -56,10 +56,7 @@ class TokenClassification(Objective):
         return batch
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> StepOutput:
-        hidden = model.base_model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache(model)
-        )[0]
-        logits = self.head(hidden.to(self.head[-1].weight.dtype))  # a bf16 backbone feeds a float32 head
+        logits = self.logits(model, batch)
         loss = nn.functional.cross_entropy(
             logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE
         )
