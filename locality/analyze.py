@@ -27,25 +27,8 @@ DEFAULT_METRICS = ("cosine_tokens", "cosine", "cka_linear")  # the paper's measu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m locality.analyze", description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs or globs holding results.json files")
-    parser.add_argument("--out", type=Path, help="output directory (default: <first path>/analysis)")
-    parser.add_argument(
-        "--metric",
-        help="change metric for figures and tables (default: cosine_tokens, the "
-        "paper's per-token cosine distance, when the runs have it)",
-    )
-    parser.add_argument(
-        "--wandb", action="store_true", help="log tables and figures to W&B (offline by default)"
-    )
-    parser.add_argument(
-        "--svg",
-        action="store_true",
-        help="also write every figure as SVG (text: diffable, fit for a repository)",
-    )
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     figures.EXTRA_FORMATS[:] = ["svg"] if args.svg else []
-
     found = inventory(args.paths)
     for bad in found.unreadable:
         print(f"locality: skipping {bad['path']}: {bad['reason']}", file=sys.stderr)
@@ -81,44 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     layers.to_csv(out / "layers.csv", index=False)
     if not dynamics.empty:
         dynamics.to_csv(out / "dynamics.csv", index=False)
-
     ci = _ci_level(found.results)
-    ordered = [metric, *sorted(m for m in offered if m != metric)]
-    paper_tables = {
-        "headline": tables.headline(runs, ordered),
-        "equal_step_survival": tables.equal_step_survival(runs, metric),
-        "steepness_vs_distance": tables.steepness_vs_distance(runs, metric, ci=ci),
-        "width_variance": tables.width_variance(runs, metric),
-        "step0_prediction": tables.step0_prediction(runs, metric, ci=ci),
-    }
-    if "init_kl_excess" in runs and runs.init_kl_excess.notna().any():
-        paper_tables["dose_response"] = tables.dose_response(runs, metric, ci=ci)
-    if (runs.control == "linearized").any():
-        paper_tables["linearized_vs_standard"] = tables.linearized_vs_standard(runs, metric)
-    energy_runs = tables.head_energy_runs(found.results)
-    if not energy_runs.empty:
-        paper_tables["head_energy"] = energy_runs
-        paper_tables["head_energy_trend"] = tables.head_energy_trend(energy_runs, ci=ci)
-    for name, table in paper_tables.items():
-        table.to_csv(out / "tables" / f"{name}.csv", index=False)
-    rho = paper_tables["steepness_vs_distance"]
-    pooled = rho[(rho.control == "all") & (rho.y == f"{metric}_steepness")]
-    rho_all = pooled.iloc[0].to_dict() if len(pooled) else None
-    made = [
-        figures.profile_figure(layers, metric, out),
-        figures.slope_forest(runs, metric, out, ci=ci),
-        figures.steepness_scatter(runs, metric, out, rho_all),
-        figures.dynamics_figure(dynamics, metric, out),
-    ]
-    if "dose_response" in paper_tables:
-        made.append(figures.dose_response_figure(runs, paper_tables["dose_response"], metric, out))
-    if not energy_runs.empty:
-        made.append(figures.head_energy_figure(energy_runs, paper_tables["head_energy_trend"], out))
-    per_run = [
-        f(r, out) for r in found.results for f in (figures.cross_layer_figure, figures.drop_top_figure)
-    ]
-    made = [m for m in made if m is not None]
-    per_run = [m for m in per_run if m is not None]
+    paper_tables = write_tables(
+        runs, found.results, metric, [metric, *sorted(set(offered) - {metric})], ci, out
+    )
+    made, per_run = write_figures(runs, layers, dynamics, found.results, paper_tables, metric, ci, out)
     summary = summary_markdown(runs, metric, paper_tables, found, missing_planned(args.paths, found))
     (out / "summary.md").write_text(summary)
     print(summary)
@@ -131,6 +81,71 @@ def main(argv: list[str] | None = None) -> int:
     if args.wandb:
         log_to_wandb(out, paper_tables, made, runs)
     return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m locality.analyze", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="run dirs, sweep dirs or globs holding results.json files")
+    parser.add_argument("--out", type=Path, help="output directory (default: <first path>/analysis)")
+    parser.add_argument(
+        "--metric",
+        help="change metric for figures and tables (default: cosine_tokens, the "
+        "paper's per-token cosine distance, when the runs have it)",
+    )
+    parser.add_argument(
+        "--wandb", action="store_true", help="log tables and figures to W&B (offline by default)"
+    )
+    parser.add_argument(
+        "--svg",
+        action="store_true",
+        help="also write every figure as SVG (text: diffable, fit for a repository)",
+    )
+    return parser
+
+
+def write_tables(
+    runs: pd.DataFrame, results: list[Results], metric: str, ordered: list[str], ci: float, out: Path
+) -> dict[str, pd.DataFrame]:
+    """The paper's tables (and those the runs' designs call for), each as tables/<name>.csv."""
+    paper_tables = {
+        "headline": tables.headline(runs, ordered),
+        "equal_step_survival": tables.equal_step_survival(runs, metric),
+        "steepness_vs_distance": tables.steepness_vs_distance(runs, metric, ci=ci),
+        "width_variance": tables.width_variance(runs, metric),
+        "step0_prediction": tables.step0_prediction(runs, metric, ci=ci),
+    }
+    if "init_kl_excess" in runs and runs.init_kl_excess.notna().any():
+        paper_tables["dose_response"] = tables.dose_response(runs, metric, ci=ci)
+    if (runs.control == "linearized").any():
+        paper_tables["linearized_vs_standard"] = tables.linearized_vs_standard(runs, metric)
+    energy_runs = tables.head_energy_runs(results)
+    if not energy_runs.empty:
+        paper_tables["head_energy"] = energy_runs
+        paper_tables["head_energy_trend"] = tables.head_energy_trend(energy_runs, ci=ci)
+    for name, table in paper_tables.items():
+        table.to_csv(out / "tables" / f"{name}.csv", index=False)
+    return paper_tables
+
+
+def write_figures(runs, layers, dynamics, results, paper_tables, metric: str, ci: float, out: Path):
+    """The study's figures and the per-run ones (cross-layer, drop-top): (study figures, per-run figures)."""
+    rho = paper_tables["steepness_vs_distance"]
+    pooled = rho[(rho.control == "all") & (rho.y == f"{metric}_steepness")]
+    rho_all = pooled.iloc[0].to_dict() if len(pooled) else None
+    made = [
+        figures.profile_figure(layers, metric, out),
+        figures.slope_forest(runs, metric, out, ci=ci),
+        figures.steepness_scatter(runs, metric, out, rho_all),
+        figures.dynamics_figure(dynamics, metric, out),
+    ]
+    if "dose_response" in paper_tables:
+        made.append(figures.dose_response_figure(runs, paper_tables["dose_response"], metric, out))
+    if "head_energy" in paper_tables:
+        made.append(
+            figures.head_energy_figure(paper_tables["head_energy"], paper_tables["head_energy_trend"], out)
+        )
+    per_run = [f(r, out) for r in results for f in (figures.cross_layer_figure, figures.drop_top_figure)]
+    return [m for m in made if m is not None], [m for m in per_run if m is not None]
 
 
 def _ci_level(results: list[Results]) -> float:

@@ -138,3 +138,17 @@ def test_every_command_line_is_a_console_script():
     scripts = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["scripts"]
     commands = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
     assert scripts == {f"locality-{name}": f"locality.{name}:main" for name in commands}
+
+
+def test_names_resolved_at_run_time_follow_the_layers_too():
+    """A rule may name a constant as "module:NAME" (imported when checked): such a name is an import."""
+    import re
+
+    upward = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found = re.fullmatch(r"(locality(?:\.\w+)+):\w+", node.value)
+                if found and layer(found.group(1)) > layer(name):
+                    upward.append(f"{name} names {node.value}")
+    assert not upward, "\n".join(upward)

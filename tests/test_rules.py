@@ -92,10 +92,11 @@ def test_a_choice_changed_in_its_home_moves_checks_and_docs(monkeypatch):
 def test_choices_that_code_defines_are_referenced_not_copied(monkeypatch):
     import locality.core.pooling
     import locality.instrument.ntk_profile
+    from locality.core.config import NTK_PARAMS
 
-    monkeypatch.setattr(locality.instrument.ntk_profile, "PARAMS", ("blocks",))
+    assert locality.instrument.ntk_profile.PARAMS is NTK_PARAMS  # the code computes what the rule offers
+    assert describe("measure.ntk_params").startswith(f"measure.ntk_params: one of: {', '.join(NTK_PARAMS)};")
     monkeypatch.setattr(locality.core.pooling, "POOLINGS", ("mean", "last"))
-    assert describe("measure.ntk_params").startswith("measure.ntk_params: one of: blocks;")
     assert "choose one of: mean, last." in refusal(["measure.pooling=tokens"])
 
 

@@ -3,11 +3,7 @@ from its transformers config alone."""
 
 from __future__ import annotations
 
-from typing import Literal
-
-Family = Literal["encoder", "decoder", "ssm", "rnn"]
-
-BlockType = Literal["sequential", "parallel", "recurrent"]
+from locality.core.config import BlockType, Family  # noqa: F401 -- the families' names, stated with their rule
 
 ENCODER_TYPES = {
     "bert",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from locality.core.errors import UserError
 from locality.core.identity import run_name_resolver
+from locality.core.metric_names import MEASURE_METRICS
 from locality.core.rules import STAGES, Check, Choice, Depends, Members, Range, Rule, integer, number, rule
 
 
@@ -44,6 +45,11 @@ class PretrainConf:
 INITS = ("pretrained", "random")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+Family = Literal["encoder", "decoder", "ssm", "rnn"]
+
+BlockType = Literal["sequential", "parallel", "recurrent"]
+# The NTK's parameter sets (`locality.instrument.ntk_profile`): every trainable parameter, the blocks', LoRA's
+NTK_PARAMS = ("all", "blocks", "lora")
 
 
 @dataclass
@@ -54,12 +60,8 @@ class ModelConf:
     config_overrides: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
     # null: read from the checkpoint's config; set them (with blocks_path) for odd architectures
-    family: str | None = field(
-        default=None, metadata=rule(Choice("locality.backbones.families:Family", null="listed"))
-    )
-    block_type: str | None = field(
-        default=None, metadata=rule(Choice("locality.backbones.families:BlockType", null="listed"))
-    )
+    family: str | None = field(default=None, metadata=rule(Choice(Family, null="listed")))
+    block_type: str | None = field(default=None, metadata=rule(Choice(BlockType, null="listed")))
     blocks_path: str | None = None  # null: the longest ModuleList of same-class modules
     revision: str | None = None
     dtype: str = field(default="float32", metadata=rule(Choice(DTYPES)))
@@ -171,7 +173,7 @@ class MeasureConf:
             "procrustes",
             "euclidean",
         ],
-        metadata=rule(Members("locality.measure.similarity:MEASURE_METRICS", noun="metric")),
+        metadata=rule(Members(MEASURE_METRICS, noun="metric")),
     )
     # bootstrap replicates over probe sequences for the slope CI
     n_boot: int = field(default=1000, metadata=rule(_enough_replicates(False)))
@@ -221,7 +223,7 @@ class MeasureConf:
     ntk_params: str = field(
         default="blocks",
         metadata=rule(
-            Choice("locality.instrument.ntk_profile:PARAMS"),
+            Choice(NTK_PARAMS),
             Depends(_no_adapters_yet, "lora: only in python -m locality.ntk", stage="last"),
         ),
     )

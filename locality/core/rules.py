@@ -175,6 +175,8 @@ class Depends(Rule):
 
 
 def resolve(of: tuple | str | Callable[[], Iterable]) -> tuple:
+    if typing.get_origin(of) is typing.Literal:
+        return typing.get_args(of)
     if callable(of):
         return tuple(of())
     if isinstance(of, str):

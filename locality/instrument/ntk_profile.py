@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from locality.core.config import NTK_PARAMS
 from locality.core.errors import UserError
 from locality.measure.ntk import (
     DEFAULT_BUDGET,
@@ -23,7 +24,7 @@ from locality.measure.ntk import (
     select_groups,
 )
 
-PARAMS = ("all", "blocks", "lora")
+PARAMS = NTK_PARAMS  # the rule of measure.ntk_params and ntk.params states them (locality.core.config)
 
 
 class ObjectiveOutputs(nn.Module):

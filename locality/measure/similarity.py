@@ -25,15 +25,16 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from locality.core.metric_names import (  # noqa: F401 -- re-exported: the measure API's names
+    CHANGE_METRICS,
+    FEATURE_METRICS,
+    MEASURE_METRICS,
+    METRICS,
+    TOKEN_METRICS,
+)
+
 Features = torch.Tensor | np.ndarray
 
-CHANGE_METRICS = ("cosine", "cka_linear", "cka_debiased", "procrustes", "euclidean")
-FEATURE_METRICS = ("dot", "norm", "norm_ratio")  # Ren et al. 2023 feature statistics, not oriented as change
-METRICS = CHANGE_METRICS + FEATURE_METRICS  # what `layer_changes` computes from pooled features
-TOKEN_METRICS = (
-    "cosine_tokens",
-)  # from per-token states during capture (`token_change`), not pooled features
-MEASURE_METRICS = METRICS + TOKEN_METRICS  # every name `measure.metrics` accepts
 PLUGIN_METRICS = ("cka_linear", "procrustes")  # plug-in statistics biased by O(d/n): jackknife intervals
 _ROWWISE = ("cosine", "euclidean", "dot", "norm", "norm_ratio")
 # Ren et al. 2023's feature adaptation, per layer (`feature_adaptation`): ||z_T - z_0||, 1 - cos, <z_0, z_T>,
