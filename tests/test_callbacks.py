@@ -46,8 +46,14 @@ def test_a_configured_callback_runs_in_the_trainer(train, tmp_path):
     assert any(column.startswith("lr-AdamW/") for column in header)
 
 
-def test_a_callback_with_an_unknown_argument_is_refused_before_any_work(train):
+def test_a_callback_with_an_unknown_argument_is_refused_before_any_work(train, tmp_path, monkeypatch):
     from locality.core.errors import UserError
 
-    with pytest.raises(UserError, match=r"callbacks\.lr_monitor"):
+    monkeypatch.setattr("locality.train.assemble", _must_not_assemble)
+    with pytest.raises(UserError, match=r"callbacks\.lr_monitor.*nonsense"):
         train("model=tiny_gpt2", "objective=clm", "callbacks=lr_monitor", "+callbacks.lr_monitor.nonsense=1")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def _must_not_assemble(*args, **kwargs):
+    raise AssertionError("data or weights were loaded before the callbacks were checked")

@@ -64,6 +64,8 @@ def check_components(cfg: DictConfig) -> None:
     if isinstance(strategy, DictConfig) and "_target_" in strategy:  # a strategy object (trainer=fsdp)
         check_component(strategy, "trainer.strategy")
     check_component(cfg.logger, "logger", supplied_elsewhere=("info",))
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        check_component(callback, f"callbacks.{name}")
 
 
 def check_values(cfg: DictConfig) -> None:
