@@ -137,9 +137,13 @@ def test_wandb_run_id_follows_the_directory_and_sweeps_share_a_group(tmp_path):
         tags=["family:decoder", "scale:<200M"],
     )
     logger = instantiate_component(load_option("logger", "wandb"), "logger", info=info)
-    init = logger._wandb_init
-    assert init["id"] == run.path.name and init["group"] == "paper_240" and init["job_type"] == "equal_step"
-    assert init["tags"] == ["family:decoder", "scale:<200M"] and logger._offline
+    wandb_run = logger.experiment
+    assert (
+        wandb_run.id == run.path.name
+        and wandb_run.group == "paper_240"
+        and wandb_run.job_type == "equal_step"
+    )
+    assert list(wandb_run.tags) == ["family:decoder", "scale:<200M"] and wandb_run.offline
     finish_wandb(teardown=True)  # a W&B run left open would be reused by later tests in this process
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
@@ -64,3 +65,29 @@ def test_the_sweeper_is_the_matrix_sweeper():
         cfg = compose("train", overrides=["experiment=paper_240"], return_hydra_config=True)
     assert cfg.hydra.sweeper._target_ == "hydra_plugins.locality_sweeper.MatrixSweeper"
     assert len(cfg.hydra.sweeper.matrix) == 9 and cfg.sweep_name == "paper_240"
+
+
+def test_each_run_shows_its_state_read_from_its_directory(tmp_path, monkeypatch, capsys):
+    """done: results.json; failed: failed.json; partial: a checkpoint and neither file; missing: nothing."""
+    monkeypatch.setenv("LOCALITY_OUTPUTS", str(tmp_path))
+    runs = plan(["experiment=minilm_equal_step"])
+    dirs = [Path(r.run_dir) for r in runs]
+    assert all(r.state == "missing" for r in runs) and all(str(tmp_path) in r.run_dir for r in runs)
+    for d in dirs[:4]:
+        (d / "checkpoints").mkdir(parents=True)
+    (dirs[0] / "results.json").write_text("{}")
+    (dirs[1] / "failed.json").write_text("{}")
+    (dirs[2] / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (dirs[3] / "config.yaml").write_text("")  # started, stopped before its first checkpoint: missing
+    assert [r.state for r in plan(["experiment=minilm_equal_step"])] == [
+        "done",
+        "failed",
+        "partial",
+        "missing",
+        "missing",
+        "missing",
+    ]
+    assert main(["experiment=minilm_equal_step"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[1] for line in lines[:3]] == ["done", "failed", "partial"]
+    assert lines[-1].endswith("done 1, failed 1, partial 1, missing 3")

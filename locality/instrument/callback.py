@@ -14,11 +14,14 @@ around `fit` (all resampling uses its own seeded generators).
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 
 from locality.controls.update_ratios import UpdateRatioMonitor
 from locality.instrument.depth import DepthProfiler
 from locality.instrument.ntk_profile import ntk_profile
+from locality.instrument.phases import announce
 
 
 class ProfileMeasurement(L.Callback):
@@ -33,8 +36,11 @@ class ProfileMeasurement(L.Callback):
             self.profiler.before_training(pl_module, trainer)
             cfg = self.profiler.cfg
             if cfg.ntk:
+                start = time.perf_counter()
                 examples = self.profiler.data.splits.train[: cfg.ntk_examples]
                 self.ntk = ntk_profile(pl_module, examples, params=cfg.ntk_params)
+                self.profiler.timings["ntk_s"] = time.perf_counter() - start
+                announce(f"NTK at initialization on {len(examples)} examples", self.profiler.timings["ntk_s"])
             self._measured_before = True
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -51,6 +51,7 @@ from locality.instrument.capture import (
     weights_fingerprint,
 )
 from locality.instrument.init_distance import objective_distance
+from locality.instrument.phases import announce
 from locality.measure.profile import interval_method, large_change_note, ols_slope, profile_stats
 from locality.measure.similarity import (
     FEATURE_METRICS,
@@ -150,6 +151,11 @@ class DepthProfiler:
         if self._cross_layer_tokens:
             self.cross_pre = self._capture(context, pooling="tokens")
         self.timings["pre_capture_s"] = time.perf_counter() - start
+        announce(
+            f"pre-capture of {self.n_probe} probe sequences",
+            self.timings["pre_capture_s"],
+            "cached" if self.cache_hit else None,
+        )
         if "cosine_tokens" in self.cfg.metrics:
             self.pretrained = snapshot_parameters(self.backbone.base)
         self.reference = snapshot_blocks(self.backbone.blocks, self.backbone.base, self.pretrained)
@@ -163,6 +169,11 @@ class DepthProfiler:
             self.init = self._objective_distance(module, context)
             write_shared_init(shared, fingerprint, self.init)
         self.timings["init_s"] = time.perf_counter() - start
+        announce(
+            "step 0 (the objective distance at initialization)",
+            self.timings["init_s"],
+            "shared: measured by a run of another control" if self.timings["init_shared"] else None,
+        )
 
     def _objective_distance(self, module: L.LightningModule, context) -> dict:
         batches = [b for _, b in zip(range(self.cfg.init_batches), self.data.init_dataloader(), strict=False)]
@@ -216,8 +227,42 @@ class DepthProfiler:
         return train, list(self.data.val_dataloader())
 
     def after_training(self, module: L.LightningModule, trainer: L.Trainer | None = None) -> dict:
-        start = time.perf_counter()
+        """The post-fine-tuning capture, then every metric with its interval and the profile statistics."""
         context = on_training_device(module, trainer)
+        start = time.perf_counter()
+        post, token_sums, token_counts = self._post_capture(context)
+        self.timings["post_capture_s"] = time.perf_counter() - start
+        with_tokens = " with the pretrained weights for cosine_tokens" if token_sums is not None else ""
+        announce(
+            f"post-capture of {self.n_probe} probe sequences{with_tokens}", self.timings["post_capture_s"]
+        )
+        start = time.perf_counter()
+        change, profile = self._change_and_profile(post, token_sums, token_counts)
+        self._add_weight_rel(change, profile)
+        self.timings["metrics_s"] = time.perf_counter() - start
+        announce(f"metrics and intervals ({self.cfg.n_boot} bootstrap replicates)", self.timings["metrics_s"])
+        result = {
+            "depth": self.depth,
+            "change": change,
+            "profile": profile,
+            "features": feature_adaptation(self.pre, post),
+        }
+        if self.cfg.cross_layer:
+            start = time.perf_counter()
+            result["cross_layer"] = self._cross_layer(context, post)
+            self.timings["cross_layer_s"] = time.perf_counter() - start
+            announce("cross-layer CKA", self.timings["cross_layer_s"])
+        if self.history:
+            result["dynamics"] = self.history
+        return result
+
+    @property
+    def n_probe(self) -> int:
+        return len(self.data.splits.probe)
+
+    def _post_capture(self, context) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor | None]:
+        """The fine-tuned model's pooled features, and with cosine_tokens the per-sequence token sums of the
+        same pass that also runs the pretrained weights (None when not measured)."""
         post = token_sums = token_counts = None
         if self.pretrained is not None:
             try:
@@ -232,19 +277,26 @@ class DepthProfiler:
                     forward_context=context,
                 )
             except ValueError as err:  # a control added parameters with no pretrained value
-                warnings.warn(f"cosine_tokens not measured: {err}", stacklevel=2)
+                warnings.warn(f"cosine_tokens not measured: {err}", stacklevel=3)
             self.pretrained = None  # weight_rel's reference keeps only the blocks
         if post is None:
             post = self._capture(context)
-        self.timings["post_capture_s"] = time.perf_counter() - start
-        start = time.perf_counter()
+        return post, token_sums, token_counts
+
+    def _interval_plans(self, metrics: list[str]) -> dict[str, tuple[str | None, str | None]]:
+        """Per metric, how its slope interval is made (`interval_method`) and the note saying why not."""
+        n_rows, dim = self.pre[0].shape[0], max(f.shape[1] for f in self.pre)
+        return {
+            m: interval_method(m, n_rows, dim, bootstrap=self.cfg.ci_method, plugin=self.cfg.plugin_ci)
+            for m in metrics
+        }
+
+    def _change_and_profile(self, post, token_sums, token_counts) -> tuple[dict, dict]:
+        """change.<metric> (per layer) and profile.<metric> (slope with its interval, shape statistics). A
+        metric without an interval says why in its ci_note (printed under the profile table)."""
         change_metrics = [m for m in self.cfg.metrics if m not in FEATURE_METRICS]
         pooled = [m for m in change_metrics if m not in TOKEN_METRICS]
-        n_rows, dim = self.pre[0].shape[0], max(f.shape[1] for f in self.pre)
-        plans = {
-            m: interval_method(m, n_rows, dim, bootstrap=self.cfg.ci_method, plugin=self.cfg.plugin_ci)
-            for m in change_metrics
-        }
+        plans = self._interval_plans(change_metrics)
         bootstrapped = {m for m, (method, _) in plans.items() if method in ("basic", "percentile")}
         changes = layer_changes(
             self.pre,
@@ -275,9 +327,6 @@ class DepthProfiler:
             if jackknifed
             else {}
         )
-        notes = {m: note for m, (_, note) in plans.items() if note}
-        if notes:
-            warnings.warn(" | ".join(f"{m}: {note}" for m, note in notes.items()), stacklevel=2)
         change = {m: changes[m].values for m in change_metrics if m in changes}
         profile = {
             m: profile_stats(
@@ -292,6 +341,10 @@ class DepthProfiler:
             )
             for m in change
         }
+        return change, profile
+
+    def _add_weight_rel(self, change: dict, profile: dict) -> None:
+        """weight_rel: each block's ||W_l - W_l(0)|| / ||W_l(0)||, no interval (nothing to resample)."""
         rel = [None, *weight_rel(self.backbone.blocks, self.reference)]
         change["weight_rel"] = rel
         profile["weight_rel"] = profile_stats(
@@ -303,30 +356,21 @@ class DepthProfiler:
             width_threshold=self.cfg.width_threshold,
             ci_note="no interval: one weight difference per block, nothing to resample",
         )
-        self.timings["metrics_s"] = time.perf_counter() - start
-        result = {
-            "depth": self.depth,
-            "change": change,
-            "profile": profile,
-            "features": feature_adaptation(self.pre, post),
+
+    def _cross_layer(self, context, post: list[torch.Tensor]) -> dict:
+        """Layer x layer CKA of the pretrained and the fine-tuned model (over sampled tokens: a capture of its
+        own after training; pooled: the profile's features)."""
+        pre, post = (
+            (self.cross_pre, self._capture(context, pooling="tokens"))
+            if self._cross_layer_tokens
+            else (self.pre, post)
+        )
+        return {
+            "pooling": "tokens" if self._cross_layer_tokens else self.cfg.pooling,
+            "n_rows": int(pre[0].shape[0]),
+            "pretrained": cka_matrix(pre).tolist(),
+            "finetuned": cka_matrix(post).tolist(),
         }
-        if self.cfg.cross_layer:
-            start = time.perf_counter()
-            pre, post = (
-                (self.cross_pre, self._capture(context, pooling="tokens"))
-                if self._cross_layer_tokens
-                else (self.pre, post)
-            )
-            result["cross_layer"] = {
-                "pooling": "tokens" if self._cross_layer_tokens else self.cfg.pooling,
-                "n_rows": int(pre[0].shape[0]),
-                "pretrained": cka_matrix(pre).tolist(),
-                "finetuned": cka_matrix(post).tolist(),
-            }
-            self.timings["cross_layer_s"] = time.perf_counter() - start
-        if self.history:
-            result["dynamics"] = self.history
-        return result
 
     def dynamics_callback(self) -> L.Callback | None:
         return _Dynamics(self) if self.cfg.every_n_steps > 0 else None

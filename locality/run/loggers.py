@@ -58,21 +58,29 @@ def wandb_logger(
         import wandb
         from lightning.pytorch.loggers import WandbLogger
 
-        logger = WandbLogger(
+        mode = "offline" if offline and os.environ.get("WANDB_MODE") != "online" else None
+        run = wandb.init(  # started here, where a failure can fall back, not inside fit
             name=info.name,
             id=info.run.path.name,
             project=project,
             entity=entity,
-            save_dir=str(info.run.path),
-            offline=offline and os.environ.get("WANDB_MODE") != "online",
+            dir=str(info.run.path),
+            mode=mode,
+            resume="allow",
             group=group or info.sweep,
             tags=[*tags, *info.tags],
             config=info.config,
             job_type=info.job_type,
             settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
         )
-        logger.experiment  # noqa: B018 - start W&B now, where a failure can fall back, not inside fit
-        return logger
+        # Lightning logs each step under trainer/global_step; W&B plots every metric against it
+        run.define_metric("trainer/global_step")
+        run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+        # Given the run, Lightning passes none of its own arguments to wandb.init (its `anonymous=None`
+        # would make W&B warn that "the anonymous setting has no effect")
+        return WandbLogger(
+            experiment=run, project=project, save_dir=str(info.run.path), offline=mode == "offline"
+        )
     except Exception as err:  # no key, no network, a broken install: never let W&B kill a run
         finish_wandb(teardown=True)  # a later run in this process (a sweep worker) starts W&B afresh
         message = " ".join(str(err).split())[:300]

@@ -14,7 +14,7 @@ import math
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
@@ -43,11 +43,40 @@ def build_trainer(
     stop = StopOnNonFiniteLoss(
         check_every=math.gcd(cfg.ckpt_every_n_steps, cfg.log_every_n_steps), checkpoints=run.checkpoints
     )
+    bar = (
+        []
+        if not cfg.enable_progress_bar or any(isinstance(c, ProgressBar) for c in callbacks)
+        else [StepBar()]
+    )
     return instantiate_component(
         cfg,
         "trainer",
         extra_keys=OWN_KEYS,
         default_root_dir=run.path,
         logger=logger,
-        callbacks=[stop, *callbacks, checkpoint],
+        callbacks=[stop, *callbacks, checkpoint, *bar],
     )
+
+
+class StepBar(TQDMProgressBar):
+    """One bar over the run's optimizer steps (`step 40/100`), not one per epoch: a run is step-based
+    (max_steps, max_epochs=-1), so Lightning's `Epoch 1/-2` says nothing. A run without max_steps keeps
+    Lightning's epoch bar."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_epoch_start(trainer, *args)
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:  # the first epoch of this fit (a resumed run starts part way)
+            bar.reset(total=trainer.max_steps)
+            bar.n = trainer.global_step
+            bar.set_description("step")
+            bar.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar, step = self.train_progress_bar, trainer.global_step
+        if bar.n != step and (step % self.refresh_rate == 0 or step == trainer.max_steps):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
