@@ -284,78 +284,13 @@ def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=prin
         config = AutoConfig.for_model(spec.arch, **token_ids(tokenizer), **spec.config_overrides)
         model = AUTO_CLASSES[head].from_config(config, dtype=torch.float32).to(device)
         generator = torch.Generator().manual_seed(conf.seed)
-        held_inputs, held_labels = (
-            mask_tokens(held_blocks, tokenizer, conf.mask_prob, generator)
-            if masked
-            else (held_blocks, held_blocks)
+        held = (
+            mask_tokens(held_blocks, tokenizer, conf.mask_prob, generator) if masked else (held_blocks,) * 2
         )
-        extra = no_cache(model)
-        takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
-        mlm_head = _mlm_head(model) if masked else None
-
-        def loss_of(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            inputs, labels = inputs.to(device), labels.to(device)
-            mask = {"attention_mask": torch.ones_like(inputs)} if takes_mask else {}
-            if mlm_head is not None:  # the vocabulary projection only where a token is predicted (15%)
-                hidden = model.base_model(input_ids=inputs, **mask)[0]
-                scored = labels != -100
-                return F.cross_entropy(mlm_head(hidden[scored]), labels[scored])
-            return model(input_ids=inputs, labels=labels, **mask, **extra).loss
-
-        @torch.no_grad()
-        def heldout_loss() -> float:
-            model.eval()
-            total, count = 0.0, 0
-            for i in range(0, len(held_inputs), 32):
-                inputs, labels = held_inputs[i : i + 32], held_labels[i : i + 32]
-                n = int((labels[:, 1:] if not masked else labels).ne(-100).sum())
-                total += float(loss_of(inputs, labels)) * n
-                count += n
-            model.train()
-            return total / count
-
-        before = heldout_loss()
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": conf.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=conf.lr,
-            betas=(0.9, 0.98),
-        )
-        warmup = max(1, round(conf.warmup * conf.steps))
-
-        def rate(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, conf.steps - warmup)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
-        losses: list[float] = []
-        order = torch.randperm(len(train_blocks), generator=generator)
-        position = 0
-        model.train()
-        for _ in range(conf.steps):
-            if position + conf.batch_size > len(order):
-                order, position = torch.randperm(len(train_blocks), generator=generator), 0
-            batch = train_blocks[order[position : position + conf.batch_size]]
-            position += conf.batch_size
-            inputs, labels = (
-                mask_tokens(batch, tokenizer, conf.mask_prob, generator) if masked else (batch, batch)
-            )
-            loss = loss_of(inputs, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(float(loss.detach()))
-            if not math.isfinite(losses[-1]):
-                raise RuntimeError(
-                    f"pretraining {spec.name} diverged at step {len(losses)} (loss {losses[-1]}); "
-                    "lower model.pretrain.lr."
-                )
-        after = heldout_loss()
+        loss_of = _loss_function(model, masked, device)
+        before = _heldout_loss(model, loss_of, *held, masked)
+        losses = _train(model, loss_of, train_blocks, tokenizer, conf, generator, masked, spec.name)
+        after = _heldout_loss(model, loss_of, *held, masked)
     model.eval()
     model.to("cpu")
     info = {
@@ -375,3 +310,82 @@ def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=prin
         "cpu_s": time.process_time() - cpu_started,
     }
     return model, info
+
+
+def _loss_function(model: torch.nn.Module, masked: bool, device: torch.device):
+    """loss(inputs, labels) of the model's own LM objective; for MLM the vocabulary projection runs only
+    where a token is predicted (15%)."""
+    extra = no_cache(model)
+    takes_mask = "attention_mask" in inspect.signature(model.forward).parameters
+    mlm_head = _mlm_head(model) if masked else None
+
+    def loss_of(inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        inputs, labels = inputs.to(device), labels.to(device)
+        mask = {"attention_mask": torch.ones_like(inputs)} if takes_mask else {}
+        if mlm_head is not None:
+            hidden = model.base_model(input_ids=inputs, **mask)[0]
+            scored = labels != -100
+            return F.cross_entropy(mlm_head(hidden[scored]), labels[scored])
+        return model(input_ids=inputs, labels=labels, **mask, **extra).loss
+
+    return loss_of
+
+
+@torch.no_grad()
+def _heldout_loss(model, loss_of, inputs: torch.Tensor, labels: torch.Tensor, masked: bool) -> float:
+    """The mean loss per predicted token over the held-out blocks (eval mode, batches of 32)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(inputs), 32):
+        batch, targets = inputs[i : i + 32], labels[i : i + 32]
+        n = int((targets[:, 1:] if not masked else targets).ne(-100).sum())
+        total += float(loss_of(batch, targets)) * n
+        count += n
+    model.train()
+    return total / count
+
+
+def _train(
+    model, loss_of, blocks, tokenizer, conf: PretrainConf, generator, masked: bool, name: str
+) -> list[float]:
+    """AdamW (decay on matrices), linear warmup then cosine to 10%, clipping at 1; returns each step's loss."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": conf.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=conf.lr,
+        betas=(0.9, 0.98),
+    )
+    warmup = max(1, round(conf.warmup * conf.steps))
+
+    def rate(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, conf.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    losses: list[float] = []
+    order = torch.randperm(len(blocks), generator=generator)
+    position = 0
+    model.train()
+    for _ in range(conf.steps):
+        if position + conf.batch_size > len(order):
+            order, position = torch.randperm(len(blocks), generator=generator), 0
+        batch = blocks[order[position : position + conf.batch_size]]
+        position += conf.batch_size
+        inputs, labels = (
+            mask_tokens(batch, tokenizer, conf.mask_prob, generator) if masked else (batch, batch)
+        )
+        loss = loss_of(inputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise RuntimeError(
+                f"pretraining {name} diverged at step {len(losses)} (loss {losses[-1]}); lower model.pretrain.lr."
+            )
+    return losses
