@@ -222,19 +222,7 @@ def load_hub(cfg, n_probe: int, n_validation: int) -> Splits:
         "probe": getattr(cfg, "probe_split", None) or cfg.heldout_split,
         "validation": getattr(cfg, "validation_split", None) or cfg.heldout_split,
     }
-    for role, split in sources.items():
-        if split not in loaded:
-            key = f"data.{role}_split" + ("" if role == "train" else " (default: data.heldout_split)")
-            raise UserError(f"Dataset {dataset} has no split '{split}' ({key}); it has {list(loaded)}.")
-    used = list(dict.fromkeys(sources.values()))
-    for split in used:
-        columns = loaded[split].column_names
-        for key, column in (("text_field", cfg.text_field), ("label_field", cfg.label_field)):
-            if column and column not in columns:
-                raise UserError(
-                    f"Dataset {dataset} split '{split}' has no {key.split('_')[0]} field '{column}'; "
-                    f"columns: {columns}. Set data.{key}."
-                )
+    used = _check_splits_and_fields(loaded, cfg, sources, dataset)
 
     def texts(split: str) -> tuple[list[str], list[int]]:
         """The kept texts of a split and their row indices (data.min_chars filtering)."""
@@ -282,6 +270,24 @@ def load_hub(cfg, n_probe: int, n_validation: int) -> Splits:
         subset=cfg.subset,
         split_names=sources,
     )
+
+
+def _check_splits_and_fields(loaded, cfg, sources: dict[str, str], dataset: str) -> list[str]:
+    """Every split a role reads exists and has the text (and label) field; returns the splits used."""
+    for role, split in sources.items():
+        if split not in loaded:
+            key = f"data.{role}_split" + ("" if role == "train" else " (default: data.heldout_split)")
+            raise UserError(f"Dataset {dataset} has no split '{split}' ({key}); it has {list(loaded)}.")
+    used = list(dict.fromkeys(sources.values()))
+    for split in used:
+        columns = loaded[split].column_names
+        for key, column in (("text_field", cfg.text_field), ("label_field", cfg.label_field)):
+            if column and column not in columns:
+                raise UserError(
+                    f"Dataset {dataset} split '{split}' has no {key.split('_')[0]} field '{column}'; "
+                    f"columns: {columns}. Set data.{key}."
+                )
+    return used
 
 
 def _label_encoder(loaded, train_split: str, column: str, dataset: str):
