@@ -37,7 +37,7 @@ def test_train_metrics_are_computed_on_logged_steps_and_logged_there(train, tmp_
 
 
 def test_a_control_that_reads_the_metrics_every_step_gets_them_every_step():
-    not_logging = SimpleNamespace(_logger_connector=SimpleNamespace(should_update_logs=False))
+    not_logging = SimpleNamespace(log_every_n_steps=2, global_step=2, should_stop=False)  # step 3: not logged
     module = SimpleNamespace(_trainer=not_logging, trainer=not_logging, controls=[])
     assert LocalityModule._train_metrics_wanted(module) is False
     module.controls = [LPFT()]

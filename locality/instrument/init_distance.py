@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from locality.measure.head_energy import head_energy, head_passes, scored_rows
-from locality.measure.similarity import _single_threaded_torch
+from locality.measure.similarity import single_threaded_torch
 from locality.objectives.base import IGNORE
 
 LM_HEADS = ("causal_lm", "masked_lm")
@@ -195,7 +195,7 @@ def fit_linear_probe(
     X, y = X.to(device, torch.float64), y.to(device, torch.long)
     if X.device.type != "cpu":
         return _fit(X, y, n_classes, l2, groups, max_iter)
-    with _single_threaded_torch():  # on 2 shared cores, 2-thread small GEMMs ran ~40x slower (measured)
+    with single_threaded_torch():  # on 2 shared cores, 2-thread small GEMMs ran ~40x slower (measured)
         return _fit(X, y, n_classes, l2, groups, max_iter)
 
 

@@ -479,7 +479,7 @@ def layer_changes(
         default 50, on 2 cores shared with other jobs (load 2-3): n=512, d=384, 7 layers 9 s (1.7 s without
         procrustes); n=512, d=768, 13 layers 20 s; n=1024, d=768, 13 layers 100 s (13 s without). More
         replicates narrow the Monte Carlo error of the CI ends at proportional cost; or use a CUDA `device`.
-    Layers run in parallel threads, each with single-threaded torch (see `_single_threaded_torch`).
+    Layers run in parallel threads, each with single-threaded torch (see `single_threaded_torch`).
     """
     if n_boot < 0 or (n_boot_procrustes is not None and n_boot_procrustes < 0):
         raise ValueError("n_boot and n_boot_procrustes must be >= 0")
@@ -608,7 +608,7 @@ def _per_layer(
         X, Y = _pair(*pair, min_rows=4 if "cka_debiased" in metrics else 2)
         return _layer_change(X.to(device), Y.to(device), metrics, full, resample, n_proc)
 
-    with _single_threaded_torch() as threads:
+    with single_threaded_torch() as threads:
         workers = max(1, min(threads, len(layers), _LAYER_MEMORY // (10 * 8 * n * n)))  # ~10 [n, n] per layer
         with ThreadPoolExecutor(workers) as pool:
             per_layer = list(pool.map(one_layer, layers))
@@ -657,7 +657,7 @@ def _layer_change(
 
 
 @contextmanager
-def _single_threaded_torch():
+def single_threaded_torch():
     """Yield the thread count torch had, running torch single-threaded meanwhile (for a pool of that size).
 
     Measured on 2 shared cores: when other processes compete, 2-thread MKL eigvalsh of a 384 x 384

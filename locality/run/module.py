@@ -117,8 +117,11 @@ class LocalityModule(L.LightningModule):
         torchmetrics update per step (input checks that sync with a GPU) and changes no logged value."""
         if self._trainer is None or any(c.reads_step_metrics for c in self.controls):
             return True
-        # Lightning's own test for "log this step", asked before the step counter moves on, as its logging is
-        return self.trainer._logger_connector.should_update_logs
+        # Lightning's test for "log this step" (its logger connector's should_update_logs), from public state:
+        # asked before the step counter moves on, so the step about to be logged is global_step + 1
+        trainer = self.trainer
+        every = trainer.log_every_n_steps
+        return every > 0 and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
 
     def validation_step(self, batch, batch_idx):
         out = self(batch)

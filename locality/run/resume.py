@@ -148,7 +148,7 @@ class RunState(Callback):
         self._segment_started = True
         # Rows are logged on Lightning's step axis: this segment logs from this step on; an earlier attempt's
         # rows from here on are work that is being redone.
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = trainer.global_step  # Lightning's logging step: the batches that stepped the optimizer
         for logger in trainer.loggers:
             if isinstance(logger, AppendingCSVLogger):
                 logger.start_segment(step)
@@ -158,10 +158,7 @@ def _train_loader(trainer):
     """The train loader when it is resumable (`state_dict`/`load_state_dict`), else None."""
     if trainer is None:
         return None
-    combined = trainer.fit_loop._combined_loader
-    if combined is None or len(combined.flattened) != 1:
-        return None
-    loader = combined.flattened[0]
+    loader = trainer.train_dataloader  # one loader here; several would come as a list or dict
     return loader if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict") else None
 
 
