@@ -37,18 +37,16 @@ class ObjectiveOutputs(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         from locality.backbones import no_cache
-        from locality.core.pooling import pool
-        from locality.objectives.base import IGNORE
+        from locality.objectives.base import IGNORE, NewHead
         from locality.objectives.clm import CausalLM
         from locality.objectives.cls import SequenceClassification
-        from locality.objectives.tok import TokenClassification
 
         ids, mask, objective = batch["input_ids"], batch["attention_mask"], self.objective
-        if isinstance(objective, SequenceClassification | TokenClassification):
-            hidden = self.model.base_model(input_ids=ids, attention_mask=mask, **no_cache(self.model))[0]
+        if isinstance(objective, NewHead):  # the objective's own forward of its head (cls, tok)
+            logits = objective.logits(self.model, batch)
             if isinstance(objective, SequenceClassification):
-                return objective.head(pool(hidden, mask, objective.pooling))
-            logits, labels = objective.head(hidden), batch["labels"]
+                return logits
+            labels = batch["labels"]
         else:
             logits = self.model(input_ids=ids, attention_mask=mask, **no_cache(self.model)).logits
             labels = batch["labels"]
