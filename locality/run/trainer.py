@@ -63,6 +63,10 @@ class StepBar(TQDMProgressBar):
     (max_steps, max_epochs=-1), so Lightning's `Epoch 1/-2` says nothing. A run without max_steps keeps
     Lightning's epoch bar."""
 
+    @property
+    def train_description(self) -> str:
+        return "step" if self.trainer.max_steps > 0 else super().train_description
+
     def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
         if trainer.max_steps <= 0:
             return super().on_train_epoch_start(trainer, *args)
@@ -70,8 +74,13 @@ class StepBar(TQDMProgressBar):
         if bar.total != trainer.max_steps:  # the first epoch of this fit (a resumed run starts part way)
             bar.reset(total=trainer.max_steps)
             bar.n = trainer.global_step
-            bar.set_description("step")
             bar.refresh()
+
+    def get_metrics(self, trainer: L.Trainer, pl_module) -> dict:
+        """The logged progress-bar values, without the logger's version (`v_num`: the run directory names it)."""
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.max_steps <= 0:
