@@ -29,6 +29,7 @@ from locality.core.errors import EXIT_USER_ERROR, UserError, report
 from locality.core.identity import control_name
 from locality.core.paths import conf_dir
 from locality.run.checks import validate
+from locality.run.command import run_command
 from locality.run.rundir import RunDir
 from locality.run.sweep import expand, override_lists
 
@@ -204,18 +205,16 @@ class _ModelType:
 
 
 def main(argv: list[str] | None = None) -> int:
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in overrides):
-        print(__doc__)
-        return 0
+    return run_command(__doc__, print_plan, argv)
+
+
+def print_plan(overrides: list[str]) -> int:
     try:
         runs = plan(overrides)
-    except UserError as err:
-        report(err)
-        return EXIT_USER_ERROR
+    except UserError:
+        raise
     except Exception as err:  # Hydra's composition errors: an unknown choice, a misspelt key
-        report(UserError(f"Could not compose the sweep {' '.join(overrides)}: {err}"))
-        return EXIT_USER_ERROR
+        raise UserError(f"Could not compose the sweep {' '.join(overrides)}: {err}") from None
     width = max((len(r.run_dir) for r in runs), default=10)
     for r in runs:
         print(
