@@ -124,7 +124,10 @@ def _logged(run_dir) -> pd.DataFrame:
     return pd.read_csv(metrics)
 
 
-@pytest.mark.parametrize("model", ["tiny_gpt2", "tiny_mamba"])
+@pytest.mark.parametrize(
+    "model",
+    ["tiny_gpt2", pytest.param("tiny_mamba", marks=pytest.mark.slow)],  # mamba: 60 s on 2 cores
+)
 def test_equal_step_logs_equal_ratios_at_every_step_and_standard_does_not(train, tmp_path, model):
     common = [
         f"model={model}",

@@ -83,6 +83,7 @@ def test_token_pooling_resamples_whole_sequences(train):
     assert lo < hi
 
 
+@pytest.mark.slow  # 35 s on 2 cores: a tiny_pythia pretraining and an 8-token-per-probe capture
 def test_cross_layer_cka_matrices_and_heatmap(train, tmp_path):
     r = train("model=tiny_pythia", "objective=cls", "measure.cross_layer=true")
     for name in ("pretrained", "finetuned"):
