@@ -22,6 +22,17 @@ as Lightning's bf16-mixed; both sides synchronize the device before reading the 
 
     python bench/loop_overhead.py                       # tiny_gpt2 (random init), clm, 16 x 128 tokens
     python bench/loop_overhead.py --steps 200 model=tiny_bert objective=cls
+
+The median of step times leaves out work that comes every k steps (logging, checkpoints) and work around the
+steps. `--outside` measures what a user's run costs instead, from outside the process: the wall time of
+`python -m locality.train` (csv logger, the default checkpoint cadence, fault checks, update-ratio logging,
+`measure=fast`, one thread) at --short and --long steps, and of a plain-loop process (`--plain-only N`: the same
+parts from `assemble`, the same AdamW, clipping and schedule, nothing else) at the same step counts. The
+marginal time per step is (T_long - T_short) / (long - short) for each; fixed costs (imports, loading, the
+measurement before and after training) cancel. Runs alternate framework and plain, --repeats times; the
+medians of the marginal times give the ratio.
+
+    python bench/loop_overhead.py --outside             # 10 and 60 steps, 2 repeats
 """
 
 from __future__ import annotations
@@ -224,6 +235,58 @@ def measure(
     }
 
 
+def plain_only(overrides: list[str], steps: int) -> None:
+    """`steps` plain-loop steps over the parts a run assembles (the other side of --outside)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose_train(
+            [*DEFAULT_OVERRIDES, *overrides, f"trainer.max_steps={steps}", f"outputs_root={tmp}"]
+        )
+        parts = assemble(cfg)
+        data = LocalityDataModule(
+            parts.splits, parts.objective, cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, 0
+        )
+        module = LocalityModule(
+            parts.backbone, parts.objective, instantiate(cfg.optim), instantiate(cfg.scheduler), []
+        )
+        plain = PlainLoop(module, cfg, steps, data.train_dataloader())
+        for _ in range(steps):
+            plain.step()
+
+
+def outside(overrides: list[str], short: int, long: int, repeats: int) -> dict:
+    """Marginal seconds per step of the framework's CLI run and of the plain loop, each from the wall time of
+    whole processes at `short` and `long` steps (see the module docstring)."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    run_overrides = [*DEFAULT_OVERRIDES, *overrides, "logger=csv", "measure=fast"]
+
+    def wall(command: list[str]) -> float:
+        started = time.perf_counter()
+        subprocess.run(command, check=True, env=env, capture_output=True)
+        return time.perf_counter() - started
+
+    marginal: dict[str, list[float]] = {"framework": [], "plain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats):
+            times = {}
+            for steps in (short, long):
+                framework = [sys.executable, "-m", "locality.train", *run_overrides]
+                framework += [f"trainer.max_steps={steps}", f"outputs_root={tmp}/{repeat}-{steps}"]
+                times["framework", steps] = wall(framework)
+                plain = [sys.executable, __file__, "--plain-only", str(steps), *overrides]
+                times["plain", steps] = wall(plain)
+            for side in marginal:
+                marginal[side].append((times[side, long] - times[side, short]) / (long - short))
+    framework, plain = (statistics.median(marginal[side]) for side in ("framework", "plain"))
+    return {
+        "marginal_s": marginal,
+        "framework_ms": 1e3 * framework,
+        "plain_ms": 1e3 * plain,
+        "ratio": framework / plain,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=120, help="timed steps per side (>= 100)")
@@ -243,7 +306,33 @@ def main() -> None:
         action="store_true",
         help="compute the training metrics on every step, not only on logged ones (the framework before 2026-12)",
     )
+    parser.add_argument(
+        "--outside", action="store_true", help="marginal step time of whole processes (above)"
+    )
+    parser.add_argument("--short", type=int, default=10, help="--outside: steps of the short runs")
+    parser.add_argument("--long", type=int, default=60, help="--outside: steps of the long runs")
+    parser.add_argument("--repeats", type=int, default=2, help="--outside: runs of each kind and length")
+    parser.add_argument("--plain-only", type=int, metavar="N", help="run N plain-loop steps and exit")
     args = parser.parse_args()
+    if args.plain_only:
+        torch.set_num_threads(1)
+        plain_only(args.overrides, args.plain_only)
+        return
+    if args.outside:
+        r = outside(args.overrides, args.short, args.long, args.repeats)
+        print(
+            f"loop overhead from outside the process | torch {torch.__version__} | lightning {L.__version__}"
+        )
+        print(
+            f"config: {' '.join([*DEFAULT_OVERRIDES, *args.overrides])}, logger=csv, measure=fast, 1 thread"
+        )
+        for side in ("framework", "plain"):
+            each = ", ".join(f"{1e3 * v:.1f}" for v in r["marginal_s"][side])
+            print(f"  {side:<9} marginal {r[side + '_ms']:8.1f} ms/step (each repeat: {each})")
+        print(
+            f"marginal step-time ratio framework / plain ({args.long} vs {args.short} steps): {r['ratio']:.3f}"
+        )
+        return
     if args.every_step_metrics:
         LocalityModule._train_metrics_wanted = lambda self: True
     torch.set_num_threads(args.threads)

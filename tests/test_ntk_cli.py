@@ -76,7 +76,7 @@ def test_outputs_are_the_objectives(tmp_path, objective):
         step = module.objective(module.model, batch)
     if objective == "cls":  # the class logits
         assert outputs.shape == (3, module.objective.num_classes)
-        torch.testing.assert_close(outputs.argmax(-1), step.preds)
+        torch.testing.assert_close(outputs.argmax(-1), step.predicted())
     else:  # the mean next-token log-probability of each example: the loss when the examples are alike
         one = {k: v[:1] for k, v in batch.items()}
         with torch.no_grad():

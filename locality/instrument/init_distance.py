@@ -80,7 +80,7 @@ def objective_distance(
                 out = module(batch)
             (out.loss.float() / len(batches)).backward()
             total += float(out.loss.detach())
-            metrics.update(out.preds, out.target)
+            metrics.update(out.predicted(), out.target)
             if head_out:
                 z, y = scored_rows(head_out[-1], out.target)
                 head_logits.append(z.cpu())

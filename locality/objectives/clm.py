@@ -34,5 +34,4 @@ class CausalLM(LanguageModeling):
             labels=batch["labels"],
             **no_cache(model),
         )
-        preds = out.logits[:, :-1].argmax(dim=-1)
-        return StepOutput(out.loss, preds, batch["labels"][:, 1:])
+        return StepOutput(out.loss, target=batch["labels"][:, 1:], scores=out.logits[:, :-1])

@@ -69,4 +69,4 @@ class Distill(CausalLM):
         log_p = torch.log_softmax(logits.float(), dim=-1)
         kl = F.kl_div(log_p[scored], target[scored], log_target=True, reduction="none").sum(-1)
         teacher_top = target.argmax(-1).masked_fill(~scored, IGNORE)
-        return StepOutput(kl.mean(), logits.argmax(-1), teacher_top)
+        return StepOutput(kl.mean(), target=teacher_top, scores=logits)

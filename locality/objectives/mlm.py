@@ -45,4 +45,4 @@ class MaskedLM(LanguageModeling):
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
         )
-        return StepOutput(out.loss, out.logits.argmax(dim=-1), batch["labels"])
+        return StepOutput(out.loss, target=batch["labels"], scores=out.logits)

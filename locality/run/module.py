@@ -107,7 +107,7 @@ class LocalityModule(L.LightningModule):
         # after every step, a host sync on a GPU.
         self.log("train/loss", out.loss.detach(), prog_bar=self.trainer.progress_bar_callback is not None)
         if self._train_metrics_wanted():
-            self.train_metrics(out.preds, out.target)
+            self.train_metrics(out.predicted(), out.target)
             self.log_dict(self.train_metrics, on_step=True, on_epoch=False)
         return loss
 
@@ -125,7 +125,7 @@ class LocalityModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         out = self(batch)
-        self.val_metrics.update(out.preds, out.target)
+        self.val_metrics.update(out.predicted(), out.target)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         self.log_dict(self.val_metrics, on_step=False, on_epoch=True)
 
