@@ -66,8 +66,7 @@ def check_pretrained_head(spec: ModelConf, config, path: Path, head: HeadKind) -
 
 def _legacy(name: str) -> str:
     """transformers' renaming of old LayerNorm tensor names on load (gamma/beta -> weight/bias)."""
-    return (
-        name.removesuffix(".gamma") + ".weight"
-        if name.endswith(".gamma")
-        else (name.removesuffix(".beta") + ".bias" if name.endswith(".beta") else name)
-    )
+    for old, new in ((".gamma", ".weight"), (".beta", ".bias")):
+        if name.endswith(old):
+            return name.removesuffix(old) + new
+    return name

@@ -11,6 +11,7 @@ per parameter group). Time is the NTK's floating-point work at a rate measured h
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -70,32 +71,24 @@ def available_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-_RATE: list[float] = []
-
-
+@functools.cache
 def flops_per_second() -> float:
-    """float32 matrix-multiply rate of this machine's CPU (a 256x256 product, best of 5; ~10 ms)."""
-    if not _RATE:
-        import torch
+    """float32 matrix-multiply rate of this machine's CPU (a 256x256 product, best of 5; ~10 ms, once)."""
+    import torch
 
-        a = torch.randn(256, 256)
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            a @ a
-            best = min(best, time.perf_counter() - start)
-        _RATE.append(2 * 256**3 / max(best, 1e-9))
-    return _RATE[0]
+    a = torch.randn(256, 256)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * 256**3 / max(best, 1e-9)
 
 
-_ANNOUNCED: set[str] = set()
-
-
+@functools.cache
 def announce(line: str) -> None:
     """Print an estimate once per process (the checks run in Hydra's callback and again in the run)."""
-    if line not in _ANNOUNCED:
-        _ANNOUNCED.add(line)
-        print(line, file=sys.stderr)
+    print(line, file=sys.stderr)
 
 
 def human_bytes(n: float) -> str:
