@@ -1,25 +1,57 @@
 """One fine-tuning run: `python -m locality.train [overrides]` (Hydra; `-m` sweeps).
 
 Read top to bottom: resolve the run directory, load the data and then the backbone, build the objective,
-controls, measurement and trainer, fit, validate, write results.json last. Measurement is a callback
-(`locality.instrument.callback`): before training on the pretrained weights, after it on the fine-tuned ones,
-where training runs (the trainer's device and precision); in a multi-process run every rank trains and
-measures, and rank zero alone writes files and prints.
+controls, measurement and trainer, fit, validate (unless the fit's last validation was at its last step),
+write results.json last. Measurement is a callback (`locality.instrument.callback`): before training on the
+pretrained weights, after it on the fine-tuned ones, where training runs (the trainer's device and
+precision); in a multi-process run every rank trains and measures, and rank zero alone writes files and
+prints. A sweep's own process (`-m`) only composes and dispatches: torch, Lightning and transformers are
+imported by its jobs, in the launcher's workers.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
+from collections.abc import Callable
 
 import hydra
 
 from locality.core.config import register_resolvers
+from locality.core.errors import EXIT_USER_ERROR
 from locality.core.paths import conf_dir
+from locality.run.checks import PreflightCallback
 
 register_resolvers()
 HYDRA_MAIN = hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
-if __name__ == "__main__" and {"--help", "-h", "--hydra-help"} & set(sys.argv[1:]):
-    HYDRA_MAIN(lambda cfg: None)()  # Hydra prints the help from conf/ and exits, before torch is imported
+
+
+def exit_2_if_not_composed(entry: Callable[[], None]) -> None:
+    """Run a Hydra entry point. Hydra reports a config it cannot compose (an unknown choice, a misspelt key)
+    and exits 1; those are user errors too, so they exit 2 like ours. Exit 1 after the config composed (a
+    failed sweep, a crashed run) stays 1."""
+    PreflightCallback.composed = False
+    try:
+        entry()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not PreflightCallback.composed:
+            sys.exit(EXIT_USER_ERROR)
+        raise
+
+
+def sweep_job(cfg) -> None:
+    """A sweep's job, in its launcher's worker: the run's modules (torch, Lightning, transformers: ~7 s) are
+    imported there, once per worker, and never in the sweep's own process, which only composes the config and
+    dispatches the jobs."""
+    importlib.import_module("locality.train").job(cfg)
+
+
+if __name__ == "__main__":
+    if {"--help", "-h", "--hydra-help"} & set(sys.argv[1:]):
+        HYDRA_MAIN(lambda cfg: None)()  # Hydra prints the help from conf/ and exits, before torch is imported
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        exit_2_if_not_composed(HYDRA_MAIN(sweep_job))
+        sys.exit(0)
 
 import contextlib
 import time
@@ -37,7 +69,7 @@ from locality.controls import Control
 from locality.controls.update_ratios import UpdateRatioMonitor
 from locality.core.components import instantiate_component
 from locality.core.config import to_plain
-from locality.core.errors import EXIT_USER_ERROR, UserError, report, wants_traceback
+from locality.core.errors import UserError, report, wants_traceback
 from locality.core.identity import config_hash, control_name, setting_hash
 from locality.core.provenance import versions
 from locality.core.quiet import quiet_libraries
@@ -47,10 +79,12 @@ from locality.data.datamodule import LocalityDataModule
 from locality.instrument.callback import ProfileMeasurement
 from locality.instrument.depth import DepthProfiler
 from locality.instrument.drop_top import evaluate_dropping_top
+from locality.instrument.phases import StepClock
 from locality.instrument.report import format_profile, log_profile
 from locality.run.assembly import assemble
 from locality.run.checks import preflight, validate
 from locality.run.faults import storage_error
+from locality.run.final_validation import FinalValidation
 from locality.run.launch import children_run_this_job
 from locality.run.loggers import RunInfo, finish_wandb
 from locality.run.module import LocalityModule
@@ -60,6 +94,7 @@ from locality.run.trainer import build_trainer
 
 
 def run(cfg: DictConfig) -> dict:
+    attempt = Attempt(time.perf_counter())
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = validate(cfg)
@@ -73,10 +108,10 @@ def run(cfg: DictConfig) -> dict:
     quiet_libraries()
     run_dir = RunDir(output_dir)
     with run_dir.exclusive() if is_main_process() else contextlib.nullcontext():
-        return run_in(run_dir, cfg, checked.controls)
+        return run_in(run_dir, cfg, checked.controls, attempt)
 
 
-def run_in(run_dir: RunDir, cfg: DictConfig, controls: list[Control]) -> dict:
+def run_in(run_dir: RunDir, cfg: DictConfig, controls: list[Control], attempt: Attempt) -> dict:
     """The run in its directory, which this process holds: skip it if complete, resume it, or start it."""
     if not cfg.force:
         run_dir.refuse_other_config(cfg)
@@ -89,7 +124,6 @@ def run_in(run_dir: RunDir, cfg: DictConfig, controls: list[Control]) -> dict:
         if cfg.force:
             run_dir.start_over()
         run_dir.save_config(cfg)
-    attempt = Attempt()
     try:
         return train_and_measure(cfg, run_dir, attempt, controls)
     except BaseException as error:
@@ -146,9 +180,11 @@ def was_interrupted(error: BaseException, attempt: Attempt) -> bool:
 
 
 class Attempt:
-    """What a failure report needs to know about the attempt so far."""
+    """What a failure report needs to know about the attempt so far, and when it began (its checks)."""
 
-    trainer: L.Trainer | None = None
+    def __init__(self, started: float):
+        self.started = started
+        self.trainer: L.Trainer | None = None
 
     @property
     def step(self) -> int | None:
@@ -157,6 +193,7 @@ class Attempt:
 
 def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, controls: list[Control]) -> dict:
     started = time.perf_counter()
+    checks_s = started - attempt.started  # validation, preflight, the run directory's lock and checks
     parts = assemble(cfg)  # seeded; data first (refused before any weights load), backbone, objective
     load_s = time.perf_counter() - started  # the data and the weights
     data = LocalityDataModule(
@@ -184,11 +221,15 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
     profiler = DepthProfiler(cfg.measure, parts.backbone, data, cfg.seed, shared_init)
     run_state = RunState(started)  # RNG states, wall time and resumes, kept in the checkpoint
     measurement = ProfileMeasurement(profiler)  # before training and after it, on the training device
+    clock = StepClock()
+    final_validation = FinalValidation()  # the fit's own, when it validated the final weights
     callbacks = [
         *controls,
         *filter(None, [profiler.dynamics_callback(), ratio_monitor(cfg.measure, controls)]),
         measurement,
         run_state,
+        clock,
+        final_validation,
         *configured_callbacks(cfg),
     ]
     logger = make_logger(cfg, run_dir, parts.backbone, sweep) if is_main_process() else False
@@ -198,7 +239,7 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
     with children_run_this_job():
         trainer.fit(module, datamodule=data, ckpt_path=run_dir.last_checkpoint())
     fit_s = time.perf_counter() - fit_started  # this segment's; includes the measurement before and after
-    final = trainer.validate(module, datamodule=data, verbose=False)[0]
+    final, validate_timings = final_validation.after_fit(trainer, module, data)
 
     results = compose(
         run_record(cfg, run_dir, parts, trainer, sweep, run_state),
@@ -211,8 +252,11 @@ def train_and_measure(cfg: DictConfig, run_dir: RunDir, attempt: Attempt, contro
         controls={control.name: control.summary() for control in controls},
         timings={
             **profiler.timings,
+            "checks_s": checks_s,
             "load_s": load_s,
             "fit_s": fit_s,
+            **clock.timings(),
+            **validate_timings,
             "pre_capture_cached": profiler.cache_hit,
         },
         ntk=measurement.ntk,
@@ -297,13 +341,8 @@ def ratio_monitor(measure_cfg, controls: list[Control]) -> UpdateRatioMonitor | 
     return UpdateRatioMonitor()
 
 
-_job_started = False
-
-
-@HYDRA_MAIN
-def hydra_main(cfg: DictConfig) -> None:
-    global _job_started
-    _job_started = True
+def job(cfg: DictConfig) -> None:
+    """One run, as Hydra's task function (`python -m locality.train`, and each job of a sweep)."""
     try:
         run(cfg)
     except UserError as err:
@@ -317,14 +356,8 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry point. Hydra reports a config it cannot compose (an unknown choice, a misspelt key) and
-    exits 1 before any job starts; those are user errors too, so they exit 2 like ours."""
-    try:
-        hydra_main()
-    except SystemExit as exit_:
-        if exit_.code == 1 and not _job_started:
-            sys.exit(EXIT_USER_ERROR)
-        raise
+    """Console entry point (`locality-train`); a config that does not compose exits 2."""
+    exit_2_if_not_composed(HYDRA_MAIN(job))
 
 
 if __name__ == "__main__":

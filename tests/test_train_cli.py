@@ -14,6 +14,8 @@ import pytest
 
 from locality.controls.base import Control
 
+ROOT = Path(__file__).resolve().parents[1]
+
 FAST = [
     "trainer=smoke",
     "measure=fast",
@@ -78,6 +80,12 @@ def test_default_run_prints_the_profile_and_writes_the_run_dir(tmp_path):
     assert results["change"]["weight_rel"][0] is None
     assert (runs[0] / "config.yaml").is_file() and (runs[0] / "checkpoints" / "last.ckpt").is_file()
     assert list((runs[0] / "wandb").glob("offline-run-*"))
+    # where the time went: 3 training batches inside the training loop, inside fit with the measurement
+    t = results["timings"]
+    measured = t["pre_capture_s"] + t["init_s"] + t["post_capture_s"] + t["metrics_s"]
+    assert 0 < t["steps_s"] < t["train_loop_s"] and t["train_loop_s"] + measured < t["fit_s"]
+    assert t["checks_s"] > 0 and t["validate_s"] > 0 and t["load_s"] > 0
+    assert t["checks_s"] + t["load_s"] + t["fit_s"] + t["validate_s"] <= run["wall_s"] + t["checks_s"]
 
 
 def test_offline_hub_model_fails_fast_with_the_offline_presets(tmp_path):
@@ -207,7 +215,21 @@ def test_a_corrupt_or_stale_pre_capture_is_recomputed_and_replaced(train):
     assert other["timings"]["pre_capture_cached"] is False
 
 
+def test_a_sweeps_own_process_does_not_import_torch(tmp_path):
+    """`-m`: the sweep's process composes and dispatches; torch and Lightning are imported by the jobs. A config
+    Hydra cannot compose exits 2, as in a single run; the failed sweep's exit 1 is tested below."""
+    command = [sys.executable, "-X", "importtime", "-m", "locality.train", "-m", "model=no_such_model"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Could not find 'model/no_such_model'" in proc.stderr
+    imported = {
+        line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")
+    }
+    assert "hydra" in imported and "locality.run.checks" in imported
+    assert not {"torch", "lightning", "transformers"} & imported
+
+
 def test_sweep_continues_past_a_failed_run_then_analyze(tmp_path):
+    started = time.perf_counter()
     proc = cli(
         "-m",
         "model=tiny_gpt2,tiny_bert",
@@ -217,13 +239,27 @@ def test_sweep_continues_past_a_failed_run_then_analyze(tmp_path):
         "logger=csv",
         cwd=tmp_path,
     )
-    assert proc.returncode != 0  # tiny_bert + clm is refused; every other run completes
+    assert proc.returncode == 1  # tiny_bert + clm is refused; every other run completes
     assert "2 of 4 runs failed" in proc.stderr and "tiny_bert-clm-equal_step-s0" in proc.stderr
     assert "tiny_bert-clm-standard-s0" in proc.stderr and "causal model" in proc.stderr
     sweep = tmp_path / "outputs" / "sweeps" / "manual"
     done = sorted(p.parent.name.rsplit("-", 1)[0] for p in sweep.rglob("results.json"))  # minus the hash
     assert done == ["tiny_gpt2-clm-equal_step-s0", "tiny_gpt2-clm-standard-s0"]
     assert not list(sweep.glob("tiny_bert*/results.json"))
+    wall_s = time.perf_counter() - started
+    # bench/sweep_overhead.py splits the sweep's time: its parts add up to the wall time, the steps are a part
+    overhead = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "sweep_overhead.py"), "--read", str(sweep)]
+        + ["--wall", f"{wall_s:.3f}", "--jobs", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert overhead.returncode == 0, overhead.stderr
+    lines = overhead.stdout.splitlines()
+    assert lines[0].startswith(f"2 runs in {wall_s:.1f} s wall on 1 parallel jobs")
+    parts = {line[:40].strip(): float(line[40:].split()[0]) for line in lines[2:-1]}
+    assert len(parts) == 10 and abs(sum(parts.values()) - wall_s) < 0.5 and parts["training steps"] > 0
+    assert lines[-1].startswith("outside training steps: ")
     proc = cli(str(sweep), "--metric", "cosine", cwd=tmp_path, module="locality.analyze")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = sweep / "analysis"

@@ -473,12 +473,20 @@ def check_model_shape(cfg: DictConfig, config) -> None:
 
 
 class PreflightCallback(Callback):
-    """Hydra callback: check a single run before Hydra creates its directory; a sweep's output root first."""
+    """Hydra callback: check a single run before Hydra creates its directory; a sweep's output root first.
+
+    `composed` says that Hydra composed the config (it calls these hooks only then): a process's later exit 1
+    is a failed run or sweep, not a config Hydra refused (`locality.train.exit_2_if_not_composed`)."""
+
+    composed = False
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        PreflightCallback.composed = True
         _exit_on_user_error(lambda: preflight(validate(_without_hydra(config))))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        PreflightCallback.composed = True
+
         def check() -> None:
             check_output_names(config)
             check_writable(Path(config.outputs_root), "outputs_root")
