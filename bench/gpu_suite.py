@@ -13,8 +13,8 @@ The figures, in this order (each a function below; the benchmark scripts beside 
   bf16-mixed (bench/loop_overhead.py); target <= 1.02.
 - `equal_step_124m`: equal-step vs standard step time on a GPT-2-124M model built from a `GPT2Config` (random
   weights, no download; bench/equal_step_overhead.py); target <= 1.02.
-- `mfu_355m_eager`, `mfu_355m_compile`: tokens/s and MFU at the GPT-2-medium shape (24 x 1024, 16 heads; the
-  tiny preset's 4,096-token vocabulary, so about 303M parameters), bf16-mixed, without and with
+- `mfu_355m_eager`, `mfu_355m_compile`: tokens/s and MFU at the GPT-2-medium shape (24 x 1024, 16 heads,
+  GPT-2's 50,257-token vocabulary: 355M parameters), bf16-mixed, without and with
   `trainer.compile` (bench/throughput.py); MFU = 6 * parameters * tokens/s / the GPU's dense bf16 peak (the
   PEAK_BF16 table of bench/throughput.py, by device name; `--peak-tflops` for another GPU); target >= 40%.
 - `fsdp`: with two or more GPUs, a 2-process FSDP2 run (NCCL) through the CLI; with one, a 1-GPU

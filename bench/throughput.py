@@ -3,8 +3,9 @@ and without `torch.compile` of the blocks.
 
 Each configuration is a `LocalityModule` under the framework's Trainer (`locality.run.trainer.build_trainer`, the
 default callbacks), built from the composed Hydra config as `locality/train.py` builds it, with random weights
-(`model=tiny_gpt2 model.init=random` plus `model.config_overrides` for the size; the vocabulary is the tiny
-preset's 4,096 tokens, so parameter counts are below GPT-2's). Every batch is `--batch-size` full-length rows of
+(`model=tiny_gpt2 model.init=random` plus `model.config_overrides` for the size, GPT-2's 50,257-row vocabulary
+included, so the 124M and 355M shapes have GPT-2's parameter counts; the tiny size keeps the tiny preset's
+4,096 tokens). Every batch is `--batch-size` full-length rows of
 `--seq-len` random token ids (no padding: the offline corpus's docstrings are shorter than a GPU's sequence,
 242 tokens at most per row of 16 at max_length 512, 34% of them padding); `--corpus` trains on the run's own
 batches instead. A callback times every optimizer step after `--warmup` steps and counts the positions of
@@ -46,10 +47,10 @@ from locality.run.rundir import RunDir  # noqa: E402
 from locality.run.trainer import build_trainer  # noqa: E402
 from locality.train import ratio_monitor  # noqa: E402
 
-SIZES = {  # GPT-2 shapes: layers, width, heads
+SIZES = {  # GPT-2 shapes: layers, width, heads (and GPT-2's vocabulary)
     "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 2},
-    "124m": {"n_layer": 12, "n_embd": 768, "n_head": 12},
-    "355m": {"n_layer": 24, "n_embd": 1024, "n_head": 16},
+    "124m": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257},
+    "355m": {"n_layer": 24, "n_embd": 1024, "n_head": 16, "vocab_size": 50257},
 }
 PRESETS = {"smollm2": ["model=smollm2"]}  # real pretrained presets, measured as they are
 # dense bf16 FLOP/s by a substring of torch.cuda.get_device_name(), first match wins (the PCIe and NVL H100s

@@ -107,3 +107,16 @@ def test_rwkv_weights_do_not_change_in_eval():
     backbone.model.eval()
     backbone.model(input_ids=torch.tensor([[5, 6, 7]]))
     assert all(torch.equal(a, b) for a, b in zip(before, backbone.model.parameters(), strict=True))
+
+
+def test_a_larger_vocabulary_override_is_used_and_a_smaller_one_refused():
+    """bench/throughput.py's GPT-2 shapes take GPT-2's 50,257-row embedding with the tiny tokenizer, so their
+    parameter counts are GPT-2's; a vocabulary smaller than the tokenizer's is refused."""
+    shape = {"n_layer": 2, "n_embd": 64, "n_head": 2}
+    tiny = load_backbone(spec("tiny_gpt2", init="random", config_overrides=shape))
+    wide = load_backbone(spec("tiny_gpt2", init="random", config_overrides={**shape, "vocab_size": 50257}))
+    assert tiny.model.get_input_embeddings().num_embeddings == len(tiny.tokenizer) == 4096
+    assert wide.model.get_input_embeddings().num_embeddings == 50257 and len(wide.tokenizer) == 4096
+    assert wide.n_params - tiny.n_params == (50257 - 4096) * 64  # the extra embedding rows, nothing else
+    with pytest.raises(UserError, match=r"vocab_size=100 is smaller than the tokenizer's vocabulary \(4096"):
+        load_backbone(spec("tiny_gpt2", init="random", config_overrides={"vocab_size": 100}))

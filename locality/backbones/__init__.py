@@ -32,7 +32,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from locality.backbones.blocks import find_blocks
 from locality.backbones.families import BlockType, Family, block_type_of, family_of
 from locality.backbones.gguf import GGUF_BUNDLES
-from locality.backbones.hf import AUTO_CLASSES, HeadKind, no_cache, token_ids
+from locality.backbones.hf import AUTO_CLASSES, HeadKind, config_for, no_cache
 from locality.backbones.parts import PART_ORDER, classify_parts
 from locality.backbones.pretrained import pretrained_checkpoint
 from locality.backbones.skeleton import check_pretrained_head, skeleton
@@ -147,7 +147,7 @@ def load_backbone(spec: ModelConf, head: HeadKind = "base", require=None) -> Bac
         )
     if spec.arch is not None:
         tokenizer = load_tokenizer(spec, None)
-        config = AutoConfig.for_model(spec.arch, **token_ids(tokenizer), **spec.config_overrides)
+        config = config_for(spec.arch, tokenizer, spec.config_overrides)
         path, pretrained, source, init_from = None, False, f"built from a {spec.arch} config", "random"
     else:
         path, local = resolve_source(spec.name_or_path)

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from locality.backbones.hf import AUTO_CLASSES, no_cache, token_ids
+from locality.backbones.hf import AUTO_CLASSES, config_for, no_cache, token_ids
 from locality.backbones.tokenizer import vocab_fingerprint
 from locality.core.config import ModelConf, PretrainConf
 from locality.core.errors import UserError
@@ -268,7 +268,6 @@ def _mlm_head(model: torch.nn.Module) -> torch.nn.Module | None:
 
 def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=print):
     """Build the model from its config and pretrain it; returns (model in eval mode on the CPU, report)."""
-    from transformers import AutoConfig
 
     masked = head == "masked_lm"
     train_blocks, held_blocks = corpus_blocks(tokenizer, conf.seq_len, masked)
@@ -281,7 +280,7 @@ def pretrain(spec: ModelConf, tokenizer, head: str, conf: PretrainConf, log=prin
     started, cpu_started = time.perf_counter(), time.process_time()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # CPU (and that GPU's) RNG
         torch.manual_seed(conf.seed)
-        config = AutoConfig.for_model(spec.arch, **token_ids(tokenizer), **spec.config_overrides)
+        config = config_for(spec.arch, tokenizer, spec.config_overrides)
         model = AUTO_CLASSES[head].from_config(config, dtype=torch.float32).to(device)
         generator = torch.Generator().manual_seed(conf.seed)
         held = (

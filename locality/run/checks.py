@@ -124,6 +124,7 @@ def preflight(cfg: DictConfig) -> Preflight:
     check_cache()
     spec = ModelConf(**cfg.model)
     config = peek_config(spec)
+    check_vocabulary(spec)
     check_model_shape(cfg, config)
     if spec.arch is not None and spec.init == "pretrained":
         from locality.backbones.pretrained import settings
@@ -153,6 +154,17 @@ def preflight(cfg: DictConfig) -> Preflight:
         except ValueError as err:
             raise UserError(f"control.{control.name}: {err}") from None
     return Preflight(controls, n_blocks, family)
+
+
+def check_vocabulary(spec: ModelConf) -> None:
+    """A model built from a config with a vocabulary of its own (`model.config_overrides.vocab_size`) must hold
+    every id of its tokenizer (`locality.backbones.hf.config_for`)."""
+    if spec.arch is None or "vocab_size" not in spec.config_overrides:
+        return
+    from locality.backbones import load_tokenizer
+    from locality.backbones.hf import config_for
+
+    config_for(spec.arch, load_tokenizer(spec, None), spec.config_overrides)
 
 
 def check_head(spec: ModelConf, config, head) -> None:
