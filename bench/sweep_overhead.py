@@ -7,14 +7,15 @@ skipped, times it from outside, then reads every run's `timings` in results.json
     training steps = sum of timings.steps_s (forward, backward, optimizer step, step hooks)
     outside training steps = 1 - training steps / workers' time
 
-and splits the rest: the workers' start and imports, dispatch and workers idle at the end of the sweep (the
-workers' time the jobs do not account for), Hydra's job setup (composing the job's config, writing its
-.hydra files: from .hydra/config.yaml's time to the run's start, with the results' writing), the checks, loading, Lightning's setup, the
-training loop between steps (data, logging, checkpoints), the measurement (pre-capture, step 0,
-post-capture, metrics), the final validation and the results. The sweep's checkpoints must already be
-pretrained (`python -m locality.pretrain model=...`), or their first-use pretraining is counted too; the
-cache of pre-fine-tuning captures (`~/.cache/locality/captures`, or under $LOCALITY_CACHE) is used as it is:
-empty it first to measure a sweep's first pass.
+and splits the rest: the sweep's start, dispatch and workers idle at the end of the sweep (the workers' time
+the jobs do not account for: Hydra's sweeper composing every job's config before launching, each job's
+config composed again in its worker), the job setup in the worker (from .hydra/config.yaml's time to the
+run's start, with the results' writing: a worker's first job imports torch, Lightning and transformers), the
+checks, loading, Lightning's setup, the training loop between steps (data, logging, checkpoints), the
+measurement (pre-capture, step 0, post-capture, metrics), the final validation and the results. The sweep's
+checkpoints must already be pretrained (`python -m locality.pretrain model=...`), or their first-use
+pretraining is counted too; the cache of pre-fine-tuning captures (`~/.cache/locality/captures`, or under
+$LOCALITY_CACHE) is used as it is: empty it first to measure a sweep's first pass.
 
     python bench/sweep_overhead.py                                   # the mini matrix, 112 runs
     python bench/sweep_overhead.py experiment=mini_matrix 'model=tiny_gpt2,tiny_opt'   # a part of it
@@ -65,8 +66,8 @@ def breakdown(results: list[dict], wall_s: float, jobs: int) -> dict[str, float]
         parts["results and the rest of the run"] += run_s - t["load_s"] - t["fit_s"] - t["validate_s"]
         in_runs += t["checks_s"] + run_s
         in_jobs += result.get("job_span_s", t["checks_s"] + run_s)
-    parts["Hydra's job setup, writing results"] = in_jobs - in_runs
-    parts["worker start, dispatch, idle workers"] = total - in_jobs
+    parts["job setup in the worker (1st: imports)"] = in_jobs - in_runs
+    parts["sweep start, dispatch, idle workers"] = total - in_jobs
     return parts
 
 
