@@ -40,9 +40,9 @@ def exit_2_if_not_composed(entry: Callable[[], None]) -> None:
 
 
 def sweep_job(cfg) -> None:
-    """A sweep's job, in its launcher's worker: the run's modules (torch, Lightning, transformers: ~7 s) are
-    imported there, once per worker, and never in the sweep's own process, which only composes the config and
-    dispatches the jobs."""
+    """A sweep's job: the run's modules (torch, Lightning, transformers: ~7 s) are imported by the process that
+    runs it, once per process (a joblib or submitit worker; the sweep's own process only under Hydra's basic
+    launcher, which runs the jobs in it), not by a sweep's process that only composes and dispatches."""
     importlib.import_module("locality.train").job(cfg)
 
 

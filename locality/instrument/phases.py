@@ -31,7 +31,6 @@ class StepClock(Callback):
     def __init__(self) -> None:
         self.steps_s = 0.0
         self.train_loop_s = 0.0
-        self.batches = 0
         self._batch_started: float | None = None
         self._loop_started: float | None = None
 
@@ -43,7 +42,6 @@ class StepClock(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._batch_started is not None:
             self.steps_s += time.perf_counter() - self._batch_started
-            self.batches += 1
             self._batch_started = None
 
     def on_train_end(self, trainer, pl_module) -> None:
