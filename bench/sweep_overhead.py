@@ -27,11 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 MEASUREMENT = ("pre_capture_s", "init_s", "post_capture_s", "metrics_s", "ntk_s", "cross_layer_s")
 
@@ -55,7 +58,7 @@ def breakdown(results: list[dict], wall_s: float, jobs: int) -> dict[str, float]
     in_runs = in_jobs = 0.0
     for result in results:
         t, run_s = result["timings"], result["run"]["wall_s"]
-        measured = sum(t.get(key, 0.0) for key in MEASUREMENT if not isinstance(t.get(key), bool))
+        measured = sum(t.get(key, 0.0) for key in MEASUREMENT)
         parts["training steps"] += t["steps_s"]
         parts["training loop between steps"] += t["train_loop_s"] - t["steps_s"]
         parts["Lightning setup and teardown"] += t["fit_s"] - measured - t["train_loop_s"]
@@ -74,7 +77,7 @@ def breakdown(results: list[dict], wall_s: float, jobs: int) -> dict[str, float]
 def report(results: list[dict], wall_s: float, jobs: int) -> str:
     parts = breakdown(results, wall_s, jobs)
     total = wall_s * jobs
-    steps = [r["timings"]["steps_s"] for r in results]
+    median_steps = statistics.median_high(r["timings"]["steps_s"] for r in results)
     lines = [
         f"{len(results)} runs in {wall_s:.1f} s wall on {jobs} parallel jobs: {total:.1f} s of workers' time",
         f"{'part':<40} {'seconds':>9} {'share':>7} {'per run':>8}",
@@ -83,7 +86,7 @@ def report(results: list[dict], wall_s: float, jobs: int) -> str:
         lines.append(f"{name:<40} {seconds:9.1f} {seconds / total:7.1%} {seconds / len(results):8.2f}")
     lines.append(
         f"outside training steps: {1 - parts['training steps'] / total:.1%} of the workers' time "
-        f"(median run: {sorted(steps)[len(steps) // 2]:.2f} s of training steps)"
+        f"(median run: {median_steps:.2f} s of training steps)"
     )
     return "\n".join(lines)
 
@@ -135,10 +138,7 @@ def main() -> None:
             print(done.stderr[-4000:], file=sys.stderr)
             sys.exit(f"the sweep failed (exit {done.returncode})")
         (sweep_dir,) = Path(root, "sweeps").iterdir()
-        config = (sweep_dir / "multirun.yaml").read_text()
-        jobs = next(
-            (int(line.split(":")[1]) for line in config.splitlines() if line.strip().startswith("n_jobs:")), 1
-        )
+        jobs = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.launcher.get("n_jobs", 1)
         print(report(read_sweep(sweep_dir), wall_s, jobs))
 
 
